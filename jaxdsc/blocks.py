@@ -1,0 +1,129 @@
+"""Blocks: conv + BatchNorm + activation units (Flax NNX, channels-last)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jaxdsc import _checks
+from jaxdsc._types import Dtype
+from jaxdsc.activations import apply_activation, check_activation
+from jaxdsc.conv import Conv, DepthwiseConv, IntOrTuple, PointwiseConv
+from jaxdsc.norm import BatchNorm
+from jaxdsc.padding import PaddingLike
+
+
+class SeparableBlock(nnx.Module):
+    """``depthwise -> BN -> act -> pointwise -> BN -> act`` (+ input if ``residual``).
+
+    The convs have no bias (each BN's shift replaces it). Train/eval behaviour
+    of the BatchNorms follows ``module.train()`` / ``module.eval()``.
+
+    Args:
+      residual: add the input to the output. Requires ``in_features ==
+        out_features`` and unit strides; an input whose spatial size the block
+        changes (e.g. ``"VALID"`` padding) raises at call time.
+      momentum, epsilon: BatchNorm settings (Flax momentum convention).
+
+    Shapes: ``(N, *spatial, in_features) -> (N, *out_spatial, out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: IntOrTuple,
+        *,
+        strides: IntOrTuple = 1,
+        kernel_dilation: IntOrTuple = 1,
+        depth_multiplier: int = 1,
+        padding: PaddingLike = "SAME",
+        activation: str | None = "relu",
+        residual: bool = False,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: lax.PrecisionLike = None,
+        impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        self.activation = check_activation("activation", activation)
+        self.residual = _checks.boolean("residual", residual)
+        self.depthwise = DepthwiseConv(
+            in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
+            padding=padding, kernel_dilation=kernel_dilation, use_bias=False, dtype=dtype,
+            param_dtype=param_dtype, precision=precision, impl=impl, rngs=rngs,
+        )
+        dw = self.depthwise
+        self.in_features, self.out_features = dw.in_features, _checks.positive_int("out_features", out_features)
+        self.kernel_size, self.strides, self.kernel_dilation = dw.kernel_size, dw.strides, dw.kernel_dilation
+        self.padding, self.depth_multiplier, self.impl = dw.padding, dw.depth_multiplier, impl
+        if residual and (self.in_features != self.out_features or any(s != 1 for s in self.strides)):
+            raise ValueError(
+                "residual=True needs in_features == out_features and strides of 1, got "
+                f"in_features={self.in_features}, out_features={self.out_features}, strides={self.strides}"
+            )
+        bn = dict(momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.bn_dw = BatchNorm(dw.out_features, **bn)
+        self.pointwise = PointwiseConv(
+            dw.out_features, out_features, use_bias=False, num_spatial_dims=len(self.kernel_size),
+            dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
+        )
+        self.bn_pw = BatchNorm(self.out_features, **bn)
+        self.momentum, self.epsilon = self.bn_dw.momentum, self.bn_dw.epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = apply_activation(self.activation, self.bn_dw(self.depthwise(x)))
+        y = apply_activation(self.activation, self.bn_pw(self.pointwise(h)))
+        if self.residual:
+            if y.shape != x.shape:
+                raise ValueError(
+                    f"residual=True needs the block to keep the input shape, got input {x.shape} "
+                    f"and output {y.shape} (padding={self.padding!r})"
+                )
+            y = y + x.astype(y.dtype)
+        return y
+
+
+class ConvBlock(nnx.Module):
+    """``conv -> BN -> act``: a dense conv unit, e.g. a network stem.
+
+    Shapes: ``(N, *spatial, in_features) -> (N, *out_spatial, out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: IntOrTuple,
+        *,
+        strides: IntOrTuple = 1,
+        kernel_dilation: IntOrTuple = 1,
+        padding: PaddingLike = "SAME",
+        activation: str | None = "relu",
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: lax.PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        self.activation = check_activation("activation", activation)
+        self.conv = Conv(
+            in_features, out_features, kernel_size, strides=strides, padding=padding,
+            kernel_dilation=kernel_dilation, use_bias=False, dtype=dtype,
+            param_dtype=param_dtype, precision=precision, rngs=rngs,
+        )
+        c = self.conv
+        self.in_features, self.out_features = c.in_features, c.out_features
+        self.kernel_size, self.strides, self.kernel_dilation = c.kernel_size, c.strides, c.kernel_dilation
+        self.padding = c.padding
+        self.bn = BatchNorm(self.out_features, momentum=momentum, epsilon=epsilon, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.momentum, self.epsilon = self.bn.momentum, self.bn.epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return apply_activation(self.activation, self.bn(self.conv(x)))
