@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from torch_bridge.spec import is_jax, spec_for_name
 FORMAT = "jaxdsc"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+CONFIG_HASH_KEY = "__config__"  # the sha256 entry that covers the config JSON
 TORCH_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 _DTYPES: dict[str, np.dtype] = {
@@ -87,12 +89,15 @@ def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, An
     from safetensors.torch import save as st_save
 
     spec_for_name(name)
+    config_json = json.dumps(dict(config), sort_keys=True)
+    hashes = {k: _sha256(v) for k, v in state.items()}
+    hashes[CONFIG_HASH_KEY] = hashlib.sha256(config_json.encode()).hexdigest()
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "class": name,
-        "config": json.dumps(dict(config), sort_keys=True),
-        "sha256": json.dumps({k: _sha256(v) for k, v in state.items()}, sort_keys=True),
+        "config": config_json,
+        "sha256": json.dumps(hashes, sort_keys=True),
     }
     blob = st_save({k: numpy_to_tensor(v) for k, v in state.items()}, metadata=metadata)
     return atomic_write_bytes(path, blob)
@@ -173,6 +178,9 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
         raise _fail(path, f"bad metadata: {e}") from e
     if not isinstance(config, dict) or not isinstance(hashes, dict):
         raise _fail(path, "bad metadata: config and sha256 must be JSON objects")
+    config_hash = hashes.pop(CONFIG_HASH_KEY, None)
+    if config_hash != hashlib.sha256(metadata["config"].encode()).hexdigest():
+        raise _fail(path, "the config metadata fails its SHA-256 check (corrupted or modified)")
     for key, a in tensors.items():
         if hashes.get(key) != _sha256(a):
             raise _fail(path, f"tensor {key!r} fails its SHA-256 check (corrupted or modified data)")
@@ -222,7 +230,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zip errors...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _fail(path, f"refused: not a weights-only PyTorch state dict ({first[:200]})") from None

@@ -164,7 +164,7 @@ def abstract_jax(name: str, torch_config: Mapping[str, Any], *, param_dtype: Any
     try:
         # The Rngs must be created inside the traced function.
         return nnx.eval_shape(lambda: spec.jax_cls(**kwargs, **{k: nnx.Rngs(0) for k in rngs}))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # also absurd sizes
         raise CheckpointError(f"cannot build {name} from config {dict(torch_config)}: {e}") from e
 
 
@@ -183,7 +183,7 @@ def abstract_torch(name: str, torch_config: Mapping[str, Any]) -> torch.nn.Modul
     try:
         with torch.device("meta"):
             return spec.torch_cls(**dict(torch_config))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # also absurd sizes
         raise CheckpointError(f"cannot build torch {name} from config {dict(torch_config)}: {e}") from e
 
 
