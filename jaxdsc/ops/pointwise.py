@@ -29,9 +29,14 @@ def pointwise_conv(
       ``(N, *spatial, C_out)`` in ``x.dtype``; low-precision inputs accumulate in float32.
     """
     acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
+    # A 2-D matmul on the (N * spatial, C_in) view (a free reshape): its
+    # autodiff weight gradient is one plain GEMM, where the N-D dot_general's
+    # contracts three axes; 1.4x faster forward+backward on XLA:CPU at
+    # N=128, 32x32, 128->128 (issue 5).
+    x2 = x.reshape(-1, x.shape[-1])
     y = lax.dot_general(
-        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
-    )
+        x2, kernel, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
+    ).reshape(*x.shape[:-1], kernel.shape[-1])
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y.astype(x.dtype)

@@ -1,0 +1,72 @@
+// Depthwise dilated convolution on channels-last tensors: shared declarations.
+//
+// Every tensor is viewed as 5-D (N, D, H, W, C) with rank-1/2 inputs padded by
+// unit dims, and processed one "row" (fixed n, d, h: W * C contiguous floats)
+// at a time. The per-ISA kernel files include dwconv_kernels.inc under a
+// `#pragma GCC target`, so this header must stay plain data: no inline
+// functions or templates that another ISA's translation unit could instantiate
+// differently (the linker would keep one copy, maybe AVX-512 code on a CPU
+// without it).
+#ifndef JAXDSC_CSRC_DWCONV_H_
+#define JAXDSC_CSRC_DWCONV_H_
+
+#include <cstdint>
+
+namespace jaxdsc_dw {
+
+// Geometry of one call. Index 0, 1, 2 = D, H, W.
+struct Geom {
+  int64_t n;       // batch
+  int64_t c;       // input channels
+  int64_t m;       // depth multiplier
+  int64_t co;      // output channels = c * m; output channel o reads input o / m
+  int64_t in[3];   // input spatial size
+  int64_t out[3];  // output spatial size
+  int64_t k[3];    // kernel size
+  int64_t s[3];    // stride
+  int64_t d[3];    // dilation
+  int64_t p[3];    // low-side zero padding (high side is implied by in/out)
+  int bf16;        // 1: x, w, g and results are bfloat16 (float32 accumulation)
+  int stream;      // 1: write float32 outputs with non-temporal stores (large outputs)
+};
+
+// One kernel tap applied along a row: out[i] += in[i * is + off] * w (per
+// channel), valid for i in [lo, hi).
+struct Tap {
+  const float* in;
+  const float* w;
+  int64_t off;
+  int64_t lo;
+  int64_t hi;
+};
+
+// Row-range kernels of one instruction set. Rows are linear indices of the
+// (n, d, h) triple over the tensor named in the comment. `w32` is the kernel
+// as float32 (KD, KH, KW, CO); `scratch` holds scratch_bytes(g) bytes,
+// 64-byte aligned, private to the calling thread.
+struct KernelTable {
+  const char* name;
+  int64_t (*scratch_bytes)(const Geom& g);
+  // y rows [r0, r1) over (N, Do, Ho).
+  void (*forward)(const Geom& g, const void* x, const float* w32, void* y, int64_t r0, int64_t r1,
+                  char* scratch);
+  // dx rows [r0, r1) over (N, D, H).
+  void (*grad_input)(const Geom& g, const void* gy, const float* w32, void* dx, int64_t r0,
+                     int64_t r1, char* scratch);
+  // acc (KD, KH, KW, CO) float32 += contribution of gy rows [r0, r1) over (N, Do, Ho).
+  void (*grad_kernel)(const Geom& g, const void* x, const void* gy, float* acc, int64_t r0,
+                      int64_t r1, char* scratch);
+  // grad_input's dx rows [r0, r1) plus the weight gradient they meet, into acc.
+  void (*grad_both)(const Geom& g, const void* x, const void* gy, const float* w32, void* dx,
+                    float* acc, int64_t r0, int64_t r1, char* scratch);
+};
+
+extern const KernelTable kGenericKernels;
+#if defined(__x86_64__) && defined(__GNUC__)
+extern const KernelTable kAvx2Kernels;
+extern const KernelTable kAvx512Kernels;
+#endif
+
+}  // namespace jaxdsc_dw
+
+#endif  // JAXDSC_CSRC_DWCONV_H_

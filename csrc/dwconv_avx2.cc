@@ -1,0 +1,19 @@
+// AVX2 + FMA build of the row kernels; chosen at run time when the CPU has them.
+#include "dwconv.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>  // before the pragma: library code stays baseline ISA
+#include <cstring>
+
+#pragma GCC target("avx2,fma")
+#define DWCONV_NS avx2
+#define DWCONV_VL 8
+#define DWCONV_STREAM(p, v) _mm256_stream_ps(p, v)
+#define DWCONV_FENCE() _mm_sfence()
+#include "dwconv_kernels.inc"
+
+namespace jaxdsc_dw {
+const KernelTable kAvx2Kernels = {"avx2", avx2::scratch_bytes, avx2::forward, avx2::grad_input,
+                                  avx2::grad_kernel, avx2::grad_both};
+}  // namespace jaxdsc_dw
+#endif

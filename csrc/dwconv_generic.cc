@@ -1,0 +1,11 @@
+// Portable build of the row kernels (baseline ISA: SSE2 on x86-64, NEON on arm64).
+#include "dwconv.h"
+
+#define DWCONV_NS generic
+#define DWCONV_VL 4
+#include "dwconv_kernels.inc"
+
+namespace jaxdsc_dw {
+const KernelTable kGenericKernels = {"generic", generic::scratch_bytes, generic::forward,
+                                     generic::grad_input, generic::grad_kernel, generic::grad_both};
+}  // namespace jaxdsc_dw
