@@ -96,7 +96,7 @@ class DSCNet(nnx.Module):
             mean, std = CIFAR10_MEAN, CIFAR10_STD
         else:
             mean, std = (0.5,) * in_features, (0.5,) * in_features
-        self.normalize = Normalize(in_features, mean, std)
+        self.normalize = Normalize(in_features, mean, std, param_dtype=param_dtype)
         self.stem = ConvBlock(in_features, width, 3, **common)
         self.blocks = nnx.List([
             SeparableBlock(
@@ -108,12 +108,18 @@ class DSCNet(nnx.Module):
         self.head = nnx.Linear(4 * width, num_classes, param_dtype=param_dtype, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
-        """Pooled features ``(N, 4 * width)`` in float32."""
+        """Pooled features ``(N, 4 * width)`` in float32 (float64 for float64 activations)."""
         h = self.stem(self.normalize(x))
         for block in self.blocks:
             h = block(h)
-        return jnp.mean(h.astype(jnp.float32), axis=tuple(range(1, h.ndim - 1)))
+        # Pool low-precision activations in float32, but never drop float64 to float32.
+        acc = jnp.promote_types(h.dtype, jnp.float32)
+        return jnp.mean(h.astype(acc), axis=tuple(range(1, h.ndim - 1)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Logits ``(N, num_classes)`` in float32 for images ``(N, H, W, C)`` in ``[0, 1]``."""
-        return self.head(self.features(x)).astype(jnp.float32)
+        """Logits ``(N, num_classes)`` for images ``(N, H, W, C)`` in ``[0, 1]``.
+
+        float32, or float64 for a float64 model and input.
+        """
+        feats = self.features(x)
+        return self.head(feats).astype(feats.dtype)

@@ -42,7 +42,8 @@ class BatchNorm(nnx.Module):
       epsilon: added to the variance.
       use_running_average: normalise with the running statistics (eval mode).
         ``module.eval()`` / ``module.train()`` set it.
-      dtype: compute dtype of the output (statistics are always float32).
+      dtype: compute dtype of the output (statistics are computed in float32, or in
+        float64 for float64 inputs).
       param_dtype: dtype of scale, bias and the running statistics.
     """
 
@@ -85,10 +86,13 @@ class BatchNorm(nnx.Module):
             )
         use_ra = self.use_running_average if use_running_average is None else use_running_average
         axes = tuple(range(x.ndim - 1))
-        xf = x.astype(jnp.float32)
+        # float32 statistics for low-precision inputs, but never below the input's
+        # precision: float64 inputs must match torch's float64 batch norm.
+        cdtype = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(cdtype)
         if use_ra:
-            mean = self.mean[...].astype(jnp.float32)
-            var = self.var[...].astype(jnp.float32)
+            mean = self.mean[...].astype(cdtype)
+            var = self.var[...].astype(cdtype)
         else:
             n = math.prod(x.shape[:-1])
             if n < 2:
@@ -104,8 +108,8 @@ class BatchNorm(nnx.Module):
             self.mean[...] = update(m * self.mean[...] + (1 - m) * mean).astype(self.param_dtype)
             self.var[...] = update(m * self.var[...] + (1 - m) * unbiased).astype(self.param_dtype)
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(jnp.float32)
-        y = (xf - mean) * inv + self.bias[...].astype(jnp.float32)
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(cdtype)
+        y = (xf - mean) * inv + self.bias[...].astype(cdtype)
         return y.astype(self.dtype or x.dtype)
 
 
@@ -114,7 +118,9 @@ class Normalize(nnx.Module):
 
     The statistics are :class:`Constant` variables: saved with the model,
     never trained, and exported to PyTorch as buffers, so an exported model
-    takes raw ``[0, 1]`` images on both sides.
+    takes raw ``[0, 1]`` images on both sides. ``param_dtype`` is their dtype
+    (a float64 or bfloat16 model keeps one float dtype throughout, as a
+    PyTorch ``model.double()`` / ``.bfloat16()`` does).
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class Normalize(nnx.Module):
         num_features: int,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        *,
+        param_dtype: Dtype = jnp.float32,
     ):
         self.num_features = c = _checks.positive_int("num_features", num_features)
         mean = [0.0] * c if mean is None else list(mean)
@@ -131,13 +139,17 @@ class Normalize(nnx.Module):
                 raise ValueError(f"{name} must have num_features={c} entries, got {len(values)}")
         for i, s in enumerate(std):
             _checks.number(f"std[{i}]", s, low=0.0, high=math.inf, low_open=True)
-        self.mean = Constant(jnp.asarray(mean, jnp.float32))
-        self.std = Constant(jnp.asarray(std, jnp.float32))
+        self.mean = Constant(jnp.asarray(mean, param_dtype))
+        self.std = Constant(jnp.asarray(std, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_float_input(x)
-        if x.shape[-1] != self.num_features:
+        if x.ndim < 2 or x.shape[-1] != self.num_features:
+            hint = ""
+            if x.ndim >= 3 and x.shape[1] == self.num_features:
+                hint = "; it looks like channels-first (NCHW) input, this layer expects NHWC"
             raise ValueError(
-                f"x must have {self.num_features} channels on its last axis (NHWC), got shape {x.shape}"
+                f"x must have {self.num_features} channels on its last axis (NHWC), "
+                f"got shape {x.shape}{hint}"
             )
         return ((x - self.mean[...]) / self.std[...]).astype(x.dtype)

@@ -186,7 +186,10 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
             raise _fail(path, f"tensor {key!r} fails its SHA-256 check (corrupted or modified data)")
     if set(hashes) != set(tensors):
         raise _fail(path, f"hash list and tensors differ: {sorted(set(hashes) ^ set(tensors))[:5]}")
-    twin = abstract_torch(name, config)  # shapes of what this config builds, no allocation
+    try:
+        twin = abstract_torch(name, config)  # shapes of what this config builds, no allocation
+    except CheckpointError as e:  # name the file, as every other error here does
+        raise _fail(path, str(e)) from None
     expected = {k: (tuple(t.shape), tensor_to_numpy_dtype(t.dtype)) for k, t in twin.state_dict().items()}
     floats = {a.dtype for a in tensors.values() if a.dtype.kind == "f" or a.dtype == _DTYPES["BF16"]}
     if len(floats) == 1:  # a model saved in bf16/f64 is expected in that dtype throughout
@@ -208,10 +211,15 @@ def load(path: str | os.PathLike[str], framework: str = "jax", **options: Any) -
     if framework not in ("jax", "torch"):
         raise ValueError(f"framework must be 'jax' or 'torch', got {framework!r}")
     ckpt = read(path)
-    if framework == "torch":
-        module = build_torch(ckpt.name, ckpt.config, ckpt.tensors, source=str(path))
-    else:
-        module = build_jax(ckpt.name, ckpt.config, ckpt.tensors, source=str(path), **options)
+    try:
+        if framework == "torch":
+            module = build_torch(ckpt.name, ckpt.config, ckpt.tensors, source=str(path))
+        else:
+            module = build_jax(ckpt.name, ckpt.config, ckpt.tensors, source=str(path), **options)
+    except CheckpointError as e:  # e.g. a config only the JAX constructor refuses: name the file
+        if str(path) in str(e):
+            raise
+        raise _fail(path, str(e)) from None
     module.eval()
     return module
 

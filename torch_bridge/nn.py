@@ -199,6 +199,11 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
+        # Same TypeError as the JAX module (torch itself raises NotImplementedError / AttributeError).
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {input.dtype}")
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(
                 f"x must have shape (N, {self.num_features}, ...) (channels first), got {tuple(input.shape)}"
@@ -215,6 +220,8 @@ class Normalize(nn.Module):
         std = [1.0] * c if std is None else list(std)
         if len(mean) != c or len(std) != c:
             raise ValueError(f"mean and std must have num_features={c} entries, got {len(mean)} and {len(std)}")
+        for i, s in enumerate(std):  # as jaxdsc.Normalize: a zero std would divide by zero
+            _checks.number(f"std[{i}]", s, low=0.0, high=math.inf, low_open=True)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
@@ -222,7 +229,12 @@ class Normalize(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"x must have {self.num_features} channels on axis 1 (NCHW), got shape {tuple(x.shape)}")
+            hint = ""
+            if x.dim() >= 3 and x.shape[-1] == self.num_features:
+                hint = "; it looks like channels-last (NHWC) input, this layer expects NCHW"
+            raise ValueError(
+                f"x must have {self.num_features} channels on axis 1 (NCHW), got shape {tuple(x.shape)}{hint}"
+            )
         view = (1, -1) + (1,) * (x.dim() - 2)
         return ((x - self.mean.view(view)) / self.std.view(view)).to(x.dtype)
 
@@ -401,7 +413,11 @@ class DSCNet(nn.Module):
         h = self.stem(self.normalize(x))
         for block in self.blocks:
             h = block(h)
-        return h.float().mean(dim=tuple(range(2, h.dim())))
+        # As the JAX model: pool low precision in float32, keep float64 as float64.
+        return h.to(torch.promote_types(h.dtype, torch.float32)).mean(dim=tuple(range(2, h.dim())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).float()
+        feats = self.features(x)
+        # The head runs in the features' dtype (a bf16 head upcast), as nnx.Linear promotes.
+        weight, bias = self.head.weight, self.head.bias
+        return F.linear(feats, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype))

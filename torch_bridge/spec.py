@@ -150,7 +150,9 @@ class ModuleSpec:
                 for a in self.args}
 
     def jax_kwargs(self, torch_config: dict[str, Any]) -> dict[str, Any]:
-        return {a.jax: a.to_jax(torch_config[a.torch]) for a in self.args}
+        # Arguments the config omits keep their defaults, as in the torch twin (the
+        # defaults agree, momentum included: Flax 0.9 == torch 0.1).
+        return {a.jax: a.to_jax(torch_config[a.torch]) for a in self.args if a.torch in torch_config}
 
     def rank(self, module: Any) -> int | None:
         return getattr(module, self.rank_attr) if self.rank_attr else None
