@@ -1,0 +1,92 @@
+"""Fine-tuning: --init-from (torch_bridge file, plain state dict + config, our workdir), new head, --freeze."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import torch_bridge
+from jaxdsc.models import DSCNet
+from train import cli
+from train.config import ConfigError, ModelConfig
+from train.model import initial_model
+from train.testing import write_cifar10
+
+FROZEN = ("stem.conv.weight", "stem.bn.weight", "stem.bn.bias", "blocks.0.depthwise.weight",
+          "blocks.0.pointwise.weight")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    root = tmp_path_factory.mktemp("pretrained")
+    model = DSCNet(100, width=8, depth=1, rngs=nnx.Rngs(7))  # a "CIFAR-100" model
+    paths = {"file": root / "c100.safetensors", "pt": root / "c100.pt", "data": write_cifar10(root / "d", 256, 64)}
+    torch_bridge.save(model, paths["file"])
+    torch.save(torch_bridge.to_torch(model).state_dict(), paths["pt"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("finetune")
+    args = ["--preset", "tiny", "--data-dir", str(pretrained["data"]), "--workdir", str(workdir), "--no-progress",
+            "--no-plot", "--train-limit", "0", "--test-limit", "0", "--batch-size", "32", "--epochs", "1",
+            "--init-from", str(pretrained["file"]), "--num-classes", "10", "--freeze", "stem.*",
+            r"blocks\.0\.(depthwise|pointwise)", "--head-lr", "0.05", "--export-torch",
+            str(workdir / "out.safetensors")]
+    assert cli.main(args) == 0
+    return workdir
+
+
+def test_finetune_replaces_head_and_freezes(pretrained, finetuned, capsys):
+    before = torch_bridge.read(pretrained["file"]).tensors
+    after = torch_bridge.read(finetuned / "out.safetensors")
+    assert after.config["num_classes"] == 10 and after.tensors["head.weight"].shape == (10, 32)
+    for key in FROZEN:
+        np.testing.assert_array_equal(after.tensors[key], before[key], err_msg=key)
+    for key in ("blocks.1.depthwise.weight", "blocks.2.pointwise.weight", "blocks.0.bn_dw.weight"):
+        assert not np.array_equal(after.tensors[key], before[key]), key
+    summary = json.loads((finetuned / "summary.json").read_text())
+    assert summary["steps"] == 8 and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_init_sources_agree(pretrained, finetuned):
+    from_file, note = initial_model(ModelConfig(init_from=str(pretrained["file"]), num_classes=100), 0)
+    assert "torch_bridge file" in note and "new" not in note
+    config = json.dumps({"width": 8, "depth": 1, "num_classes": 100})
+    from_pt, note = initial_model(ModelConfig(init_from=str(pretrained["pt"]), init_config=config, num_classes=100), 0)
+    assert "state dict" in note
+    a, b = torch_bridge.torch_state_dict(from_file), torch_bridge.torch_state_dict(from_pt)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # our own workdir: the weights it ended with (EMA off: the live ones), as exported
+    from_dir, note = initial_model(ModelConfig(init_from=str(finetuned)), 0)
+    assert "jaxdsc-train checkpoint" in note
+    exported = torch_bridge.read(finetuned / "out.safetensors").tensors
+    got = torch_bridge.torch_state_dict(from_dir)
+    assert got.keys() == exported.keys() and all(np.array_equal(got[k], exported[k]) for k in got)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such file or directory"),
+    ("pt_without_config", "not a torch_bridge.save file; for a plain PyTorch state dict also pass --init-config"),
+    ("bad_config", "--init-config is not valid JSON"),
+    ("wrong_class", "holds a DepthwiseConv, expected DSCNet"),
+])
+def test_bad_init_sources_give_one_line(pretrained, tmp_path, kind, message):
+    import jaxdsc
+
+    cfg = {"missing": ModelConfig(init_from=str(tmp_path / "nope.safetensors")),
+           "pt_without_config": ModelConfig(init_from=str(pretrained["pt"])),
+           "bad_config": ModelConfig(init_from=str(pretrained["pt"]), init_config="{width: 8"),
+           "wrong_class": ModelConfig(init_from=str(tmp_path / "dw.safetensors"))}[kind]
+    if kind == "wrong_class":
+        torch_bridge.save(jaxdsc.DepthwiseConv(4, 3, rngs=nnx.Rngs(0)), tmp_path / "dw.safetensors")
+    with pytest.raises(ConfigError) as info:
+        initial_model(cfg, 0)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,226 @@
+"""Typed configuration of the trainer; the command line is generated from it.
+
+Every field of the four sections is one flag (``lr`` -> ``--lr``,
+``data_dir`` -> ``--data-dir``; booleans also get ``--no-...``), documented
+by the ``help`` in its metadata. Field names are unique across sections.
+Presets are plain :class:`Config` instances (:data:`PRESETS`); explicit flags
+override the preset. Fields marked ``resume=True`` may change when a run is
+resumed; any other change makes the trainer refuse the old workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination (reported as one line)."""
+
+
+def _f(default: Any, help: str, *, resume: bool = False, **kw: Any) -> Any:
+    meta = {"help": help, "resume": resume}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def default_data_dir() -> Path:
+    """``$XDG_CACHE_HOME/jaxdsc/cifar10`` (``~/.cache/jaxdsc/cifar10``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxdsc" / "cifar10"
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = _f("", "CIFAR-10 location: a dir holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
+                           "(pickle: trusted data only), the batch dir itself, or the official .tar.gz. "
+                           "Empty: the cache dir (default ~/.cache/jaxdsc/cifar10), downloaded there if empty",
+                       resume=True)
+    download_url: str = _f(CIFAR10_URL, "archive fetched into the cache dir when it is empty (http(s):// or file://)",
+                           resume=True)
+    download_md5: str = _f(CIFAR10_MD5, "expected md5 of the downloaded archive", resume=True)
+    train_limit: int = _f(0, "use only the first N training images (0: all); for smoke runs")
+    test_limit: int = _f(0, "evaluate on the first N test images only (0: all)", resume=True)
+    crop_padding: int = _f(4, "random-crop padding in pixels (0: no crop)")
+    flip: bool = _f(True, "random horizontal flips")
+    data_on_device: Literal["auto", "yes", "no"] = _f(
+        "auto", "hold the uint8 data set in device memory (auto: when it fits in 1/4 of it)", resume=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: Literal["dscnet"] = _f("dscnet", "architecture (jaxdsc.models.DSCNet)")
+    width: int = _f(32, "channels of the first stage (then 2w, 4w)")
+    depth: int = _f(2, "separable blocks per stage (3 stages)")
+    num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
+    bn_momentum: float = _f(0.9, "BatchNorm momentum, Flax convention (0.9 == torch 0.1)")
+    precision: Literal["float32", "bfloat16"] = _f(
+        "float32", "compute dtype; bfloat16 keeps float32 parameters, BN statistics and optimizer state")
+    impl: str = _f("auto", "depthwise-conv kernel (jaxdsc impl name; auto picks the fastest exact one)",
+                   resume=True)
+    init_from: str = _f("", "start from weights: a torch_bridge.save .safetensors file, a plain PyTorch "
+                            "state dict (.pt/.pth/.bin, with --init-config) or a jaxdsc-train workdir")
+    init_config: str = _f("", "PyTorch DSCNet config for a plain state dict: JSON text or a .json file, "
+                              'e.g. \'{"width": 32, "depth": 2, "num_classes": 10}\'')
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "sgd (Nesterov momentum) or adamw")
+    lr: float = _f(0.2, "peak learning rate (scale it linearly with --batch-size)")
+    head_lr: float = _f(-1.0, "peak learning rate of the classifier head (negative: same as --lr)")
+    momentum: float = _f(0.9, "SGD Nesterov momentum / AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    weight_decay: float = _f(5e-4, "decoupled weight decay: each step multiplies kernels by (1 - lr * wd); "
+                                   "never norms/biases")
+    label_smoothing: float = _f(0.1, "label smoothing (0.1: the usual value, helps short schedules)")
+    schedule: Literal["cosine", "onecycle", "constant"] = _f(
+        "onecycle", "cosine: linear warmup then cosine to 0; onecycle: linear up then linear down (airbench)")
+    warmup_epochs: float = _f(1.0, "warmup length (cosine) / rise length (onecycle), in epochs")
+    epochs: int = _f(10, "training epochs (the schedule length)")
+    batch_size: int = _f(256, "global batch size (split over all devices); the last partial batch is dropped")
+    grad_clip: float = _f(0.0, "clip gradients to this global norm (0: off)")
+    ema_decay: float = _f(0.0, "EMA of weights and BN statistics used for eval/export (0: off; e.g. 0.999)")
+    freeze: list[str] = _f(  # noqa: RUF009 - _f turns a list default into a default_factory
+        [], "keep parameters matching these globs/regexes fixed (paths like blocks.0.depthwise.kernel, head.bias)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    workdir: str = _f("runs/default", "output dir: checkpoints, metrics.jsonl, summary.json, curves.png; "
+                                     "rerunning with the same workdir resumes", resume=True)
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    checkpoint_every: int = _f(500, "save a checkpoint every N steps (and at each epoch end and exit; 0: end only)",
+                               resume=True)
+    keep_checkpoints: int = _f(3, "checkpoints kept on disk (the newest N)", resume=True)
+    eval_every: int = _f(1, "evaluate on the test set every N epochs (and at the end)", resume=True)
+    eval_batch_size: int = _f(1000, "test-set batch size (padded, so every image counts)", resume=True)
+    max_bad_steps: int = _f(20, "stop after this many consecutive non-finite steps (each is skipped)",
+                            resume=True)
+    eval_only: bool = _f(False, "evaluate the workdir's latest checkpoint (or --init-from) and exit",
+                         resume=True)
+    export_torch: str = _f("", "write the final model here with torch_bridge.save (.safetensors)", resume=True)
+    progress: bool = _f(True, "show a tqdm progress bar", resume=True)
+    plot: bool = _f(True, "write curves.png at the end", resume=True)
+    compile_cache: str = _f("", "persistent XLA compilation cache dir: a restarted run skips compiling "
+                                "(same as JAX_COMPILATION_CACHE_DIR)", resume=True)
+    distributed: bool = _f(False, "call jax.distributed.initialize() (multi-host; also when "
+                                  "JAX_COORDINATOR_ADDRESS or JAXDSC_DISTRIBUTED=1 is set)", resume=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def flat_fields() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
+    """``field name -> (section, field)`` over all sections (names are unique)."""
+    out: dict[str, tuple[str, dataclasses.Field[Any]]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            out[f.name] = (section, f)
+    return out
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """``cfg`` with flat field overrides applied (``{"lr": 0.1, "epochs": 3}``)."""
+    table = flat_fields()
+    per: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if name not in table:
+            raise ConfigError(f"unknown config field {name!r}")
+        per.setdefault(table[name][0], {})[name] = value
+    return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in per.items()})
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and combinations; raise :class:`ConfigError` with one line."""
+    d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+    positive = {"width": m.width, "depth": m.depth, "num_classes": m.num_classes, "epochs": o.epochs,
+                "batch_size": o.batch_size, "keep_checkpoints": r.keep_checkpoints,
+                "eval_every": r.eval_every, "eval_batch_size": r.eval_batch_size,
+                "max_bad_steps": r.max_bad_steps}
+    for name, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    non_negative = {"train_limit": d.train_limit, "test_limit": d.test_limit, "crop_padding": d.crop_padding,
+                    "weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "warmup_epochs": o.warmup_epochs,
+                    "checkpoint_every": r.checkpoint_every}
+    for name, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if not o.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {o.lr}")
+    for name, v in (("label_smoothing", o.label_smoothing), ("ema_decay", o.ema_decay),
+                    ("momentum", o.momentum), ("beta2", o.beta2), ("bn_momentum", m.bn_momentum)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    if m.init_config and not m.init_from:
+        raise ConfigError("--init-config needs --init-from (a plain PyTorch state dict)")
+    if r.export_torch and not r.export_torch.endswith(".safetensors"):
+        raise ConfigError(f"--export-torch must name a .safetensors file, got {r.export_torch!r}")
+    if not r.workdir:
+        raise ConfigError("--workdir must not be empty")
+    return cfg
+
+
+def _tiny() -> Config:
+    return Config(
+        data=DataConfig(train_limit=512, test_limit=256),
+        model=ModelConfig(width=8, depth=1),
+        optim=OptimConfig(epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5),
+        run=RunConfig(checkpoint_every=0, eval_batch_size=256),
+    )
+
+
+def _cifar10_cpu() -> Config:
+    # Best accuracy in ~30 min on 2 CPU cores (figures in train/README.md): at equal epochs depth 2
+    # beat width 48 / depth 1, and it runs ~400 img/s on a quiet machine, so ~12 epochs fit.
+    return Config(
+        model=ModelConfig(width=32, depth=2),  # 40k params
+        optim=OptimConfig(
+            epochs=12,
+            batch_size=128,  # CPU throughput is flat in batch size; more steps per epoch help short runs
+            lr=0.1, warmup_epochs=2.0, weight_decay=5e-4, label_smoothing=0.1,
+        ),
+        run=RunConfig(checkpoint_every=400, eval_batch_size=500),
+    )
+
+
+def _cifar10() -> Config:
+    # Accelerator preset aiming at 94% (not measured here: no GPU in this workplace yet).
+    return Config(
+        model=ModelConfig(width=128, depth=2, precision="bfloat16"),  # ~0.6M params; bf16 compute, f32 master weights
+        optim=OptimConfig(
+            epochs=50, batch_size=512,
+            lr=0.4,  # linear scaling of 0.1 per 128 images, usual for SGD-Nesterov + BN
+            weight_decay=1e-3,  # x lr: 4e-4 per step at the peak, the ResNet-CIFAR amount after momentum
+            warmup_epochs=5.0, label_smoothing=0.1,
+            ema_decay=0.999,  # ~1000-step average (~10 epochs at the end), evaluated and exported
+        ),
+        run=RunConfig(checkpoint_every=1000),
+    )
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "tiny": _tiny(),          # CPU smoke test: seconds on 2 cores, still learns
+    "cifar10-cpu": _cifar10_cpu(),
+    "cifar10": _cifar10(),
+}

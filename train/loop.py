@@ -1,0 +1,413 @@
+"""The training loop: resume, steps, evaluation, checkpoints, signals, outputs.
+
+Resume: the newest checkpoint in ``workdir/checkpoints`` is restored (state,
+step, running sums of the current epoch); step ``k`` always uses batch
+``epoch_order(seed, epoch)[pos]`` and key ``fold_in(key, k - 1)``, so an
+interrupted run rerun with the same command ends bit-identical to an
+uninterrupted one (on CPU). SIGTERM/SIGINT: the step in flight finishes, its
+state is checkpointed, exit 0 (SIGTERM) / 130 (SIGINT). Non-finite steps are
+skipped inside the jitted step (see :mod:`train.steps`); ``--max-bad-steps``
+in a row stop the run with :class:`TrainingError`, and no checkpoint is
+written during such a streak, so the last one on disk predates it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxdsc._io import atomic_write_text
+from train import faults, steps
+from train.checkpointing import Checkpointer
+from train.config import Config, ConfigError, default_data_dir, flat_fields, validate
+from train.data import load_or_download
+from train.feed import Split, epoch_order, fits_on_device, make_mesh
+from train.model import initial_model
+from train.optim import make_optimizer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. persistent non-finite loss); reported as one line."""
+
+
+@dataclass
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    received: int | None = None
+    previous: dict[int, Any] = field(default_factory=dict)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def maybe_initialize_distributed(cfg: Config) -> None:
+    """``jax.distributed.initialize()`` for multi-host launches (flag or environment)."""
+    if cfg.run.distributed or os.environ.get("JAXDSC_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize()
+
+
+def _check_workdir_config(workdir: Path, cfg: Config) -> None:
+    """Refuse to resume a workdir whose checkpoints come from different (non-``resume``) settings."""
+    path = workdir / "config.json"
+    ckpts = workdir / "checkpoints"
+    has_checkpoints = ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())
+    if has_checkpoints and path.is_file():
+        old = json.loads(path.read_text())
+        diffs = []
+        for name, (section, f) in flat_fields().items():
+            before, now = old.get(section, {}).get(name), getattr(getattr(cfg, section), name)
+            if not f.metadata["resume"] and json.dumps(before) != json.dumps(now):
+                diffs.append(f"--{name.replace('_', '-')} {before} -> {now}")
+        if diffs:
+            raise ConfigError(f"{workdir} holds a run with different settings ({'; '.join(diffs[:4])}); "
+                              "rerun with the same flags to resume or use a new --workdir")
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_text(path, text)
+    os.chmod(path, 0o644)  # results are for everyone to read (mkstemp creates 0600)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop records past ``step`` (logged after the checkpoint we resume from); return the rest."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if rec.get("step", math.inf) <= step:
+                records.append(rec)
+    _write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _time_to(records: list[dict[str, Any]], target: float) -> float | None:
+    hit = [r["train_seconds"] for r in records if r["test_accuracy"] >= target]
+    return round(hit[0], 2) if hit else None
+
+
+class Trainer:
+    """One run, set up from a :class:`Config` (see :func:`run`)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg = validate(cfg)
+        self.workdir = Path(cfg.run.workdir).expanduser()
+        self.primary = jax.process_index() == 0
+        _check_workdir_config(self.workdir, cfg)
+        self.mesh = make_mesh()
+        nd = self.mesh.size
+        if cfg.optim.batch_size % nd:
+            raise ConfigError(f"--batch-size {cfg.optim.batch_size} must be a multiple of the {nd} devices")
+        self.eval_bs = -(-cfg.run.eval_batch_size // nd) * nd
+        ds = load_or_download(cfg.data.data_dir, default_data_dir(), cfg.data.download_url, cfg.data.download_md5,
+                              progress=cfg.run.progress).limit(cfg.data.train_limit, cfg.data.test_limit)
+        if len(ds.train_labels) < cfg.optim.batch_size:
+            raise ConfigError(f"--batch-size {cfg.optim.batch_size} exceeds the {len(ds.train_labels)} training images")
+        nbytes = ds.train_images.nbytes + ds.test_images.nbytes
+        on_device = {"yes": True, "no": False}.get(cfg.data.data_on_device)
+        on_device = fits_on_device(nbytes) if on_device is None else on_device
+        self.train_data = Split(ds.train_images, ds.train_labels, self.mesh, on_device=on_device)
+        self.test_data = Split(ds.test_images, ds.test_labels, self.mesh, on_device=on_device)
+        self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.run.keep_checkpoints)
+        if self.primary:
+            _write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        self.steps_per_epoch = self.train_data.n // cfg.optim.batch_size
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+
+        model, self.init_note = initial_model(cfg.model, cfg.run.seed)
+        self.graph_train, self.graph_eval, params, stats, consts = steps.split_model(model)
+        self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+        self.tx, self.lr_fn = make_optimizer(cfg.optim, params, self.steps_per_epoch)
+        self.state = steps.create_state(params, stats, consts, self.tx, self.mesh, seed=cfg.run.seed,
+                                        ema=cfg.optim.ema_decay > 0)
+        train_fn = steps.make_train_step(
+            self.graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
+            label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
+            ema_decay=cfg.optim.ema_decay)
+        self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(self.graph_eval), self.mesh)
+        self.meta: dict[str, Any] = {"train_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0]}
+        self.traces_at_start = steps.TRACES["train_step"]
+        self.records: list[dict[str, Any]] = []
+        self.log = print if self.primary else (lambda *a, **k: None)
+
+    # ------------------------------------------------------------ pieces
+    def resume(self) -> bool:
+        restored = self.ckpt.restore_latest(self.state)
+        step = 0
+        if restored is not None:
+            self.state, meta = restored
+            self.meta.update(meta)
+            step = int(meta["step"])
+        if self.primary:
+            self.records = _truncate_metrics(self.workdir / "metrics.jsonl", step)
+        return restored is not None
+
+    def evaluate(self, signals: _Signals | None = None) -> tuple[float, float] | None:
+        """Test loss and accuracy; None when a signal arrives first (SIGTERM must not wait for it)."""
+        sums = np.zeros(3)
+        for batch in self.test_data.eval_batches(self.eval_bs):
+            if signals is not None and signals.received is not None:
+                return None
+            out = self.eval_step(self.state, batch)
+            out = steps.to_host(out)
+            sums += np.array([float(out["loss_sum"]), float(out["correct"]), float(out["count"])])
+        return sums[0] / sums[2], sums[1] / sums[2]
+
+    def save(self) -> None:
+        self.ckpt.save(self.state, {**self.meta, "epoch": int(steps.to_host(self.state.step)) / self.steps_per_epoch})
+        self.meta.pop("eval_due", None)
+
+    def final_model(self) -> nnx.Module:
+        w = self.state.ema or {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        host = steps.to_host((w["params"], w["batch_stats"], self.state.consts))
+        return nnx.merge(self.graph_eval, *host)
+
+    # ------------------------------------------------------------ the loop
+    def train(self, signals: _Signals) -> int:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        bs = cfg.optim.batch_size
+        step = int(steps.to_host(self.state.step))
+        loss_sum, acc_sum, n_sum = self.meta["epoch_sums"]
+        bad_first, bad_count = 0, 0
+        pending: tuple[int, Any] | None = None
+        order, order_epoch = None, -1
+        bar = None
+        t_last = time.perf_counter()
+        fast_images, fast_seconds = 0, 0.0  # steady-state throughput (first step of a process = compile)
+        first = True
+        due = self.meta.pop("eval_due", None)
+        if due is not None:  # an end-of-epoch evaluation a signal interrupted before the checkpoint
+            self._end_epoch(*due, signals=signals)
+
+        def drain() -> None:
+            nonlocal pending, loss_sum, acc_sum, n_sum, bad_first, bad_count
+            if pending is None:
+                return
+            k, m = pending
+            pending = None
+            m = steps.to_host(m)
+            if int(m["finite"]):
+                loss_sum, acc_sum, n_sum = loss_sum + float(m["loss"]), acc_sum + float(m["accuracy"]), n_sum + 1
+                bad_count = 0
+            else:
+                bad_first, bad_count = (k if bad_count == 0 else bad_first), bad_count + 1
+                self.log(f"warning: step {k}: non-finite loss or gradients, step skipped", file=sys.stderr)
+                if bad_count >= cfg.run.max_bad_steps:
+                    last = self.ckpt.steps()
+                    raise TrainingError(
+                        f"non-finite loss at steps {bad_first}-{k} ({bad_count} in a row); stopped. Last checkpoint: "
+                        + (f"step {last[-1]} in {self.ckpt.dir}" if last else "none"))
+
+        while step < self.total_steps:
+            if signals.received is not None:
+                break
+            epoch, pos = divmod(step, spe)
+            if order_epoch != epoch:
+                order, order_epoch = epoch_order(cfg.run.seed, epoch, self.train_data.n), epoch
+                if bar is not None:
+                    bar.close()
+                bar = self._bar(epoch, pos)
+            batch = self.train_data.batch(order[pos * bs:(pos + 1) * bs])
+            batch["poison"] = np.float32(faults.poison(step + 1))
+            self.state, metrics = self.train_step(self.state, batch)
+            drain()  # the previous step's metrics, while this one runs
+            pending, step = (step + 1, metrics), step + 1
+            faults.after_step(step)
+            now = time.perf_counter()
+            self.meta["train_seconds"] += now - t_last
+            if not first:
+                fast_images, fast_seconds = fast_images + bs, fast_seconds + (now - t_last)
+            t_last, first = now, False
+            if bar is not None:
+                bar.update(1)
+                if n_sum:
+                    ips = fast_images / fast_seconds if fast_seconds else 0.0
+                    bar.set_postfix(loss=f"{loss_sum / n_sum:.3f}", acc=f"{acc_sum / n_sum:.3f}", img_s=f"{ips:.0f}",
+                                    refresh=False)
+            end_of_epoch = step % spe == 0
+            periodic = cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0
+            if end_of_epoch or periodic or signals.received is not None:
+                drain()
+                self.meta["epoch_sums"] = [loss_sum, acc_sum, n_sum]
+            if end_of_epoch:
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                ips = fast_images / fast_seconds if fast_seconds else 0.0
+                self.meta["images_per_second"] = ips or self.meta.get("images_per_second", 0.0)
+                self._end_epoch(epoch, step, loss_sum, acc_sum, n_sum, ips, signals=signals)
+                loss_sum, acc_sum, n_sum = 0.0, 0.0, 0
+                self.meta["epoch_sums"] = [0.0, 0.0, 0]
+            if (end_of_epoch or periodic) and bad_count == 0:
+                self.save()
+            t_last = time.perf_counter()  # eval and checkpoint time is not training time
+        drain()
+        if bar is not None:
+            bar.close()
+        self.meta["images_per_second"] = fast_images / fast_seconds if fast_seconds else self.meta.get("images_per_second", 0.0)
+        if signals.received is not None:
+            self.meta["epoch_sums"] = [loss_sum, acc_sum, n_sum]
+            if step > 0:  # nothing completed yet: nothing to save
+                self.save()
+            self.log(f"signal {signals.received}: saved step {step} in {self.ckpt.dir}; rerun the same command to resume",
+                     file=sys.stderr)
+            return _signal_exit(signals)
+        return -1
+
+    def _bar(self, epoch: int, pos: int) -> Any:
+        if not (self.cfg.run.progress and self.primary):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
+                    leave=False, dynamic_ncols=True, mininterval=0.5)
+
+    def _end_epoch(self, epoch: int, step: int, loss_sum: float, acc_sum: float, n_sum: int, ips: float, *,
+                   signals: _Signals) -> None:
+        last = step == self.total_steps
+        if (epoch + 1) % self.cfg.run.eval_every and not last:
+            return
+        result = self.evaluate(signals)
+        if result is None:  # interrupted: the checkpoint remembers to evaluate first on resume
+            self.meta["eval_due"] = [epoch, step, loss_sum, acc_sum, n_sum, ips]
+            return
+        test_loss, test_acc = result
+        rec = {
+            "epoch": epoch + 1, "step": step,
+            "train_loss": loss_sum / n_sum if n_sum else None,
+            "train_accuracy": acc_sum / n_sum if n_sum else None,
+            "test_loss": test_loss, "test_accuracy": test_acc,
+            "lr": float(self.lr_fn(step - 1)), "train_seconds": round(self.meta["train_seconds"], 3),
+            "images_per_second": round(ips, 1), "skipped_steps": int(steps.to_host(self.state.skipped)),
+        }
+        self.records.append(rec)
+        if self.primary:
+            _append_jsonl(self.workdir / "metrics.jsonl", rec)
+        tl = "  n/a" if rec["train_loss"] is None else f"{rec['train_loss']:.4f}"
+        ta = "  n/a" if rec["train_accuracy"] is None else f"{rec['train_accuracy']:.4f}"
+        self.log(f"epoch {epoch + 1:3d}/{self.cfg.optim.epochs}  train loss {tl} acc {ta}  "
+                 f"test loss {test_loss:.4f} acc {test_acc:.4f}  {ips:7.0f} img/s  {self.meta['train_seconds']:7.1f}s",
+                 flush=True)
+
+    def finish(self, signals: _Signals) -> dict[str, Any] | None:
+        """Final evaluation, export, summary.json, curves.png; None when a signal interrupts it."""
+        cfg = self.cfg
+        result = self.evaluate(signals)
+        if result is None:
+            return None
+        test_loss, test_acc = result
+        if cfg.run.export_torch and self.primary:
+            import torch_bridge
+
+            torch_bridge.save(self.final_model(), cfg.run.export_torch)
+            self.log(f"exported {cfg.run.export_torch}")
+        step = int(steps.to_host(self.state.step))
+        summary = {
+            "test_accuracy": test_acc, "test_loss": test_loss,
+            "best_test_accuracy": max([r["test_accuracy"] for r in self.records] + [test_acc]),
+            "epochs": step / self.steps_per_epoch, "steps": step,
+            "train_seconds": round(self.meta["train_seconds"], 3),
+            "images_per_second": round(self.meta.get("images_per_second", 0.0), 1),
+            "params": self.num_params, "devices": self.mesh.size, "batch_size": cfg.optim.batch_size,
+            "skipped_steps": int(steps.to_host(self.state.skipped)),
+            "time_to_80": _time_to(self.records, 0.8), "time_to_90": _time_to(self.records, 0.9),
+            "train_step_traces": steps.TRACES["train_step"] - self.traces_at_start,
+            "model": f"dscnet w{cfg.model.width} d{cfg.model.depth}",
+        }
+        if self.primary:
+            _write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
+            if cfg.run.plot and self.records:
+                from train.plots import plot_curves
+
+                plot_curves(self.records, self.workdir / "curves.png")
+        return summary
+
+
+def run(cfg: Config) -> int:
+    """Train (or resume, or evaluate) as configured; returns the process exit code.
+
+    SIGTERM/SIGINT are caught from the start: during setup they stop the run before its first
+    step, during training after the step in flight (saved), during the final evaluation /
+    export (the final checkpoint is already saved; a rerun redoes them).
+    """
+    signals = _Signals()
+    signals.install()
+    try:
+        return _run(cfg, signals)
+    finally:
+        signals.restore()
+
+
+def _signal_exit(signals: _Signals) -> int:
+    return 0 if signals.received == signal.SIGTERM else 130
+
+
+def _run(cfg: Config, signals: _Signals) -> int:
+    maybe_initialize_distributed(cfg)
+    if cfg.run.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.run.compile_cache).expanduser()))
+    trainer = Trainer(cfg)
+    if trainer.init_note:
+        trainer.log(trainer.init_note)
+    resumed = trainer.resume()
+    step = int(steps.to_host(trainer.state.step))
+    if cfg.run.eval_only:
+        if not resumed and not cfg.model.init_from:
+            raise ConfigError(f"--eval-only needs a checkpoint in {trainer.workdir} or --init-from")
+        test_loss, test_acc = trainer.evaluate() or (math.nan, math.nan)
+        trainer.log(f"eval: test loss {test_loss:.4f} acc {test_acc:.4f} ({trainer.test_data.n} images, step {step})")
+        if trainer.primary:
+            _write_text(trainer.workdir / "eval.json", json.dumps(
+                {"test_accuracy": test_acc, "test_loss": test_loss, "step": step, "images": trainer.test_data.n}))
+        if cfg.run.export_torch and trainer.primary:
+            import torch_bridge
+
+            torch_bridge.save(trainer.final_model(), cfg.run.export_torch)
+        return 0
+    trainer.log(f"{'resuming at step ' + str(step) if resumed else 'training'}: {trainer.total_steps} steps "
+                f"({cfg.optim.epochs} epochs x {trainer.steps_per_epoch}), {trainer.num_params} params, "
+                f"{trainer.mesh.size} device(s), workdir {trainer.workdir}", flush=True)
+    code = trainer.train(signals)
+    if code >= 0:
+        return code
+    trainer.save()
+    summary = trainer.finish(signals)
+    if summary is None:
+        trainer.log(f"signal {signals.received}: stopped before the final evaluation; the final checkpoint is "
+                    "saved, rerun the same command to finish", file=sys.stderr)
+        return _signal_exit(signals)
+    trainer.log(f"done: test accuracy {summary['test_accuracy']:.4f} after {summary['steps']} steps, "
+                f"{summary['train_seconds']:.1f}s, {summary['images_per_second']:.0f} img/s", flush=True)
+    return 0

@@ -1,0 +1,124 @@
+"""Optimizers and schedules (optax): SGD-Nesterov / AdamW, warmup+cosine / one-cycle.
+
+The update of every trainable parameter is
+
+    clip(grad) -> momentum or Adam moments -> + weight_decay * param (kernels only) -> * -lr(step)
+
+i.e. *decoupled* weight decay (SGDW / AdamW, Loshchilov & Hutter): the decay
+bypasses the momentum buffers and is scaled by the schedule. Norm scales and
+biases (every parameter with ndim <= 1) are never decayed. ``--freeze``
+patterns and ``--head-lr`` are applied with ``optax.multi_transform`` over
+per-parameter labels ``frozen`` / ``head`` / ``body``; frozen parameters get
+zero updates and keep no optimizer state.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import optax
+
+from train.config import ConfigError, OptimConfig
+
+Schedule = Callable[[Any], Any]
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """``blocks.0.depthwise.kernel`` from a JAX key path."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return ".".join(parts)
+
+
+def param_paths(params: Any) -> list[str]:
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    try:
+        rx = re.compile(pattern)
+    except re.error:
+        rx = None
+    return lambda p: fnmatch.fnmatchcase(p, pattern) or (rx is not None and rx.search(p) is not None)
+
+
+def frozen_paths(params: Any, patterns: Sequence[str]) -> set[str]:
+    """Paths matched by any pattern (glob on the whole path, or regex search); unmatched patterns raise."""
+    paths = param_paths(params)
+    frozen: set[str] = set()
+    for pattern in patterns:
+        hit = {p for p in paths if _matcher(pattern)(p)}
+        if not hit:
+            example = ", ".join(paths[:2] + paths[-1:])
+            raise ConfigError(f"--freeze {pattern!r} matches no parameter (paths look like {example})")
+        frozen |= hit
+    return frozen
+
+
+def labels(params: Any, cfg: OptimConfig) -> Any:
+    """Per-parameter label tree: ``frozen``, ``head`` (own LR when ``--head-lr`` is set) or ``body``."""
+    frozen = frozen_paths(params, cfg.freeze)
+
+    def label(path: tuple[Any, ...], _: Any) -> str:
+        p = path_str(path)
+        if p in frozen:
+            return "frozen"
+        return "head" if p.startswith("head.") and cfg.head_lr >= 0 else "body"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def schedule(cfg: OptimConfig, peak: float, steps_per_epoch: int) -> Schedule:
+    """Learning rate as a function of the optimizer step."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(peak)
+    if cfg.schedule == "cosine":
+        # Starts at 0 (not peak/25): the first steps on fresh BN statistics are the fragile ones.
+        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), total, end_value=0.0)
+    # One-cycle, linear both ways (airbench/fast.ai): peak/10 -> peak over warmup, -> 0 at the end.
+    return optax.join_schedules(
+        [optax.linear_schedule(peak / 10, peak, max(warmup, 1)),
+         optax.linear_schedule(peak, 0.0, max(total - warmup, 1))],
+        [max(warmup, 1)],
+    )
+
+
+def _base(cfg: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
+    if cfg.optimizer == "sgd":
+        moments = optax.trace(decay=cfg.momentum, nesterov=True)
+    else:
+        moments = optax.scale_by_adam(b1=cfg.momentum, b2=cfg.beta2)
+    parts = [moments]
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+
+def make_optimizer(cfg: OptimConfig, params: Any, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Schedule]:
+    """The full update rule for ``params`` and the body learning-rate schedule (for logging)."""
+    body_lr = schedule(cfg, cfg.lr, steps_per_epoch)
+    tree_labels = labels(params, cfg)
+    used = set(jax.tree_util.tree_leaves(tree_labels))
+    if used == {"frozen"}:
+        raise ConfigError("--freeze matches every parameter; nothing left to train")
+    transforms: dict[str, optax.GradientTransformation] = {
+        "frozen": optax.set_to_zero(),
+        "body": _base(cfg, body_lr),
+        "head": _base(cfg, schedule(cfg, cfg.head_lr, steps_per_epoch)) if cfg.head_lr >= 0 else optax.set_to_zero(),
+    }
+    parts = []
+    if cfg.grad_clip > 0:
+        # Zero frozen gradients first so they do not count in the global norm.
+        keep = {"frozen": optax.set_to_zero(), "body": optax.identity(), "head": optax.identity()}
+        parts += [optax.multi_transform(keep, tree_labels), optax.clip_by_global_norm(cfg.grad_clip)]
+    parts.append(optax.multi_transform(transforms, tree_labels))
+    return optax.chain(*parts), body_lr
