@@ -93,7 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxdsc-train`` / ``python -m train``; returns the exit code."""
     cfg, ns = parse(argv)
     if ns.show_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
+        try:
+            print(json.dumps(cfg.to_dict(), indent=1), flush=True)
+        except BrokenPipeError:  # `--show-config | head`: the reader left, which is fine
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     from train.faults import active
     from train.loop import TrainingError, run
