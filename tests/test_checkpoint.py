@@ -74,6 +74,22 @@ def expect_error(path: Path, match: str, readers: tuple[str, ...] = ("read", "ja
         assert str(path) in str(info.value), f"{reader}: message does not name the file: {info.value}"
 
 
+# ---------------------------------------------------------------- the written bytes
+def test_saving_is_deterministic_and_readable_by_the_reference_reader(tmp_path, module):
+    from safetensors.torch import load_file
+
+    a, b = torch_bridge.save(module, tmp_path / "a.safetensors"), torch_bridge.save(module, tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()  # same module, same file: artifacts can be hashed
+    twin = torch_bridge.to_torch(module)
+    state = load_file(a)
+    assert set(state) == set(twin.state_dict())
+    for k, v in twin.state_dict().items():
+        assert state[k].dtype == v.dtype and state[k].shape == v.shape, k
+        assert torch.equal(state[k], v), k
+    header_len = int.from_bytes(a.read_bytes()[:8], "little")
+    assert header_len % 8 == 0  # tensors start aligned
+
+
 # ---------------------------------------------------------------- atomic writes
 def test_error_type():
     assert issubclass(CheckpointError, ValueError)

@@ -33,7 +33,6 @@ from torch_bridge.convert import (
     build_jax,
     build_torch,
     module_config,
-    numpy_to_tensor,
     tensor_to_numpy,
     torch_state_dict,
 )
@@ -86,8 +85,6 @@ def save(module: Any, path: str | os.PathLike[str]) -> Path:
 def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, Any],
                 state: Mapping[str, np.ndarray]) -> Path:
     """Write a PyTorch-layout state dict with our metadata (class, config, hashes)."""
-    from safetensors.torch import save as st_save
-
     spec_for_name(name)
     config_json = json.dumps(dict(config), sort_keys=True)
     hashes = {k: _sha256(v) for k, v in state.items()}
@@ -99,8 +96,34 @@ def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, An
         "config": config_json,
         "sha256": json.dumps(hashes, sort_keys=True),
     }
-    blob = st_save({k: numpy_to_tensor(v) for k, v in state.items()}, metadata=metadata)
-    return atomic_write_bytes(path, blob)
+    return atomic_write_bytes(path, serialize(state, metadata))
+
+
+_DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
+def serialize(state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors bytes of ``state``: deterministic, so equal inputs give equal files.
+
+    (The reference writer emits its metadata in hash-map order, so two saves of
+    one module could differ byte-wise.) Tensors are laid out by descending item
+    size, then name, which keeps every tensor aligned to its item size.
+    """
+    arrays = {k: np.asarray(v).copy(order="C") for k, v in state.items()}  # keeps 0-d shapes
+    for k, a in arrays.items():
+        if a.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"state[{k!r}] has dtype {a.dtype}, expected one of {sorted(_DTYPES)}")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset, chunks = 0, []
+    for k in sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k)):
+        a = arrays[k]
+        header[k] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                     "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        chunks.append(a.tobytes())
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data region starts 8-byte aligned
+    return b"".join([len(text).to_bytes(8, "little"), text, *chunks])
 
 
 # ---------------------------------------------------------------- reading
