@@ -10,7 +10,6 @@ import json
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from conftest import assert_same_state, torch_state
 
 import torch_bridge
 from torch_bridge import nn as tnn
-from torch_bridge.cli import SOURCES, main
+from torch_bridge.cli import main
 from torch_bridge.spec import SPECS
 
 CONFIG = {"width": 2, "depth": 1, "num_classes": 3}
@@ -253,13 +252,6 @@ def test_pickle_payloads_are_refused_never_executed(capsys, tmp_path, name):
     expect_error(capsys, ["--info", path], match)
     assert not sentinel.exists()
     assert not (tmp_path / "o.safetensors").exists()
-
-
-def test_sources_extension_point():
-    """New input kinds (trainer checkpoint directories) are entries of SOURCES."""
-    assert [s.kind for s in SOURCES] == ["jaxdsc checkpoint", "plain PyTorch state dict"]
-    source = Path(sys.modules["torch_bridge.cli"].__file__).read_text()
-    assert "EXTENSION POINT" in source
 
 
 # ---------------------------------------------------------------- the installed console script

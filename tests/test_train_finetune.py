@@ -90,3 +90,20 @@ def test_bad_init_sources_give_one_line(pretrained, tmp_path, kind, message):
     with pytest.raises(ConfigError) as info:
         initial_model(cfg, 0)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_converter_exports_a_trainer_workdir(finetuned, tmp_path, capsys):
+    from torch_bridge import cli as convert_cli
+
+    out = tmp_path / "exported.safetensors"
+    assert convert_cli.main([str(finetuned), "-o", str(out)]) == 0
+    got, want = torch_bridge.read(out), torch_bridge.read(finetuned / "out.safetensors")
+    assert got.name == "DSCNet" and got.config == want.config
+    assert got.tensors.keys() == want.tensors.keys()
+    for k in got.tensors:
+        np.testing.assert_array_equal(got.tensors[k], want.tensors[k], err_msg=k)
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert convert_cli.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without jaxdsc-train checkpoints" in err and "\n" not in err
