@@ -42,6 +42,8 @@ dwconv = Extension(
         "csrc/dwconv_common.inc",
         "csrc/dwconv_rows.inc",
         "csrc/dwconv_drivers.inc",
+        "csrc/pwconv_kernels.inc",
+        "csrc/pwconv_ffi.inc",
     ],
     language="c++",
     extra_compile_args=[

@@ -7,6 +7,8 @@ issue's shapes. Candidates per row:
 * ``jaxdsc``: ``depthwise_conv(impl="auto")`` (+ ``pointwise_conv``), i.e. the
   native C++ kernel on CPU when built, else the pure-JAX shift path;
 * ``jaxdsc_shift``: the pure-JAX path forced (``impl="shift"``);
+* ``jaxdsc_pwxla`` (pw, sep): as ``jaxdsc`` but the pointwise conv forced to
+  ``impl="xla"`` (XLA's GEMM, the path before the native GEMM);
 * ``flax``: plain ``flax.nnx.Conv(feature_group_count=C)`` (and ``nnx.Conv``
   1x1 for the pointwise part), what a Flax user writes today;
 * ``torch_nchw`` / ``torch_cl``: ``torch.nn.functional.conv2d`` on contiguous
@@ -23,6 +25,7 @@ the allocator setting with the results (see BENCHMARKS.md). Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -40,6 +43,7 @@ from flax import nnx
 
 from jaxdsc.ops import depthwise_conv, pointwise_conv, select_impl
 from jaxdsc.ops.depthwise import make_call
+from jaxdsc.ops.pointwise import select_pointwise_impl
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,9 @@ def _jax_callable(f, args, mode: str):
     return lambda: jax.block_until_ready(run(*args))
 
 
-def jax_candidates(shape: Shape, kind: str, mode: str, with_flax: bool, rng) -> dict:
+def jax_candidates(
+    shape: Shape, kind: str, mode: str, with_flax: bool, rng, pw_xla: bool = True
+) -> dict:
     s, p, d, k, c = shape.s, shape.pad, shape.d, shape.k, shape.c
     hw = shape.hw if kind != "pw" else shape.out_hw
     x = jnp.asarray(rng.standard_normal((shape.n, hw, hw, c)), jnp.float32)
@@ -126,6 +132,15 @@ def jax_candidates(shape: Shape, kind: str, mode: str, with_flax: bool, rng) -> 
             )
         elif impl == "auto":
             out[label] = _jax_callable(pointwise_conv, (x, wp), mode)
+    if kind in ("pw", "sep") and pw_xla:
+        # The previous pointwise path (XLA's GEMM), for before/after in one run.
+        f = dw("auto")
+        pw_x = functools.partial(pointwise_conv, impl="xla")
+        out["jaxdsc_pwxla"] = (
+            _jax_callable(pw_x, (x, wp), mode)
+            if kind == "pw"
+            else _jax_callable(lambda x, wd, wp: pw_x(f(x, wd), wp), (x, wd, wp), mode)
+        )
     if with_flax:
         rngs = nnx.Rngs(0)
         layers = []
@@ -206,14 +221,18 @@ def run(args) -> dict:
         call = make_call(x, jnp.zeros((shape.k, shape.k, 1, shape.c)), strides=(shape.s,) * 2,
                          padding=((shape.pad,) * 2,) * 2, dilation=(shape.d,) * 2)  # fmt: skip
         auto = select_impl(call, "auto")
+        y = jnp.zeros((shape.n, shape.out_hw, shape.out_hw, shape.c))
+        pw_auto = select_pointwise_impl(y, jnp.zeros((shape.c, shape.c)), None, "auto")
         for kind in args.kinds.split(","):
             for mode in args.modes.split(","):
-                fns = jax_candidates(shape, kind, mode, not args.no_flax, rng)
+                fns = jax_candidates(
+                    shape, kind, mode, not args.no_flax, rng, pw_xla=not args.no_pw_xla
+                )
                 fns.update(torch_candidates(shape, kind, mode, args.device, rng))
                 load0 = os.getloadavg()[0]
                 t = time_interleaved(fns, rounds=args.rounds, block_s=args.block_s)
                 nbytes, flops = traffic(shape, kind, mode)
-                row = {"shape": asdict(shape), "kind": kind, "mode": mode, "auto_impl": auto,
+                row = {"shape": asdict(shape), "kind": kind, "mode": mode, "auto_impl": auto, "pw_impl": pw_auto,
                        "bytes": nbytes, "flops": flops, "loadavg": (load0, os.getloadavg()[0]),
                        "timings": {k: asdict(v) for k, v in t.items()}}  # fmt: skip
                 results["rows"].append(row)
@@ -256,7 +275,13 @@ def markdown(results: dict) -> str:
                     max(r["bytes"] / (bw * 1e9), r["flops"] / (peak * 1e9)) if bw else float("nan")
                 )
                 sh = r["shape"]
-                impl = "dot_general" if kind == "pw" else f"dw {r['auto_impl']}"
+                pw_impl = r.get("pw_impl", "dot_general")
+                impl = (
+                    pw_impl
+                    if kind == "pw"
+                    else f"dw {r['auto_impl']}"
+                    + (f", pw {pw_impl}" if kind == "sep" and "pw_impl" in r else "")
+                )
                 label = f"{sh['name']} (N{sh['n']} {sh['hw']}² C{sh['c']} k{sh['k']} d{sh['d']} s{sh['s']}; {impl})"
                 flax = f"{med['flax'] / med['jaxdsc']:.1f}x" if "flax" in med else "-"
                 lines.append(
@@ -320,6 +345,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
     ap.add_argument("--no-flax", action="store_true", help="skip plain nnx.Conv (slow on CPU)")
     ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument(
+        "--no-pw-xla",
+        action="store_true",
+        help="skip jaxdsc_pwxla (pointwise forced to XLA's GEMM)",
+    )
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--markdown", type=Path, help="write the tables here")
     ap.add_argument("--from-json", type=Path, help="only rebuild the tables from an earlier --json")

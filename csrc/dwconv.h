@@ -40,6 +40,20 @@ struct Tap {
   int64_t hi;
 };
 
+// Pointwise (1x1) conv as a GEMM: y[M, N] = x[M, K] . w[K, N] (see
+// pwconv_kernels.inc). pw_plan fills the tile fields for the table's ISA.
+struct PwGeom {
+  int64_t m, k, n;  // rows (N * spatial), reduction size, output columns
+  int bf16;         // 1: operands and results are bfloat16 (float32 accumulation)
+  int stream;       // 1: direct float32 outputs use non-temporal stores
+  int nv, mr;       // register tile: mr rows x nv vectors
+  int mrw;          // weight gradient: tile rows (along k)
+  int64_t nr;       // panel width nv * VL (floats)
+  int64_t npad;     // n rounded up to nr
+  int64_t kpad;     // k rounded up to mr (weight gradient: k is the tile's row axis)
+  int64_t mc;       // weight gradient: rows of x / gy packed per chunk
+};
+
 // Row-range kernels of one instruction set. Rows are linear indices of the
 // (n, d, h) triple over the tensor named in the comment. `w32` is the kernel
 // as float32 (KD, KH, KW, CO); `scratch` holds scratch_bytes(g) bytes,
@@ -59,6 +73,16 @@ struct KernelTable {
   // grad_input's dx rows [r0, r1) plus the weight gradient they meet, into acc.
   void (*grad_both)(const Geom& g, const void* x, const void* gy, const float* w32, void* dx,
                     float* acc, int64_t r0, int64_t r1, char* scratch);
+  // Pointwise GEMM. bp: the (K, N) operand packed in panels Bp[npad / nr][k][nr]
+  // (float32, zero padded); bias: npad floats or null.
+  void (*pw_plan)(PwGeom& g);
+  int64_t (*pw_scratch_bytes)(const PwGeom& g);
+  // y row blocks [b0, b1) (blocks of g.mr rows) = x . Bp (+ bias).
+  void (*pw_forward)(const PwGeom& g, const void* x, const float* bp, const float* bias, void* y,
+                     int64_t b0, int64_t b1, char* scratch);
+  // acc (kpad, npad) += x[m0:m1]^T . gy[m0:m1]; bacc (npad) += column sums of gy[m0:m1].
+  void (*pw_grad_kernel)(const PwGeom& g, const void* x, const void* gy, float* acc, float* bacc,
+                         int64_t m0, int64_t m1, char* scratch);
 };
 
 extern const KernelTable kGenericKernels;

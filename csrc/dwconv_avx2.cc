@@ -11,9 +11,11 @@
 #define DWCONV_STREAM(p, v) _mm256_stream_ps(p, v)
 #define DWCONV_FENCE() _mm_sfence()
 #include "dwconv_kernels.inc"
+#include "pwconv_kernels.inc"
 
 namespace jaxdsc_dw {
 const KernelTable kAvx2Kernels = {"avx2", avx2::scratch_bytes, avx2::forward, avx2::grad_input,
-                                  avx2::grad_kernel, avx2::grad_both};
+                                  avx2::grad_kernel, avx2::grad_both,
+    avx2::pw_plan, avx2::pw_scratch_bytes, avx2::pw_forward, avx2::pw_grad_kernel};
 }  // namespace jaxdsc_dw
 #endif

@@ -2,6 +2,7 @@
 // threading. Python (jaxdsc/ops/native.py) loads this library with ctypes and
 // registers the four `jaxdsc_dw_*` symbols with jax.ffi.register_ffi_target.
 //
+// Pointwise (1x1) GEMM targets jaxdsc_pw_*: see pwconv_ffi.inc.
 // Targets: jaxdsc_dw_forward (x, w -> y), jaxdsc_dw_grad_input (g, w -> dx),
 // jaxdsc_dw_grad_kernel (x, g -> dw), jaxdsc_dw_grad_both (x, g, w -> dx, dw).
 // Tensor layouts (always 5-D / 4-D; Python inserts unit dims for rank 1-2):
@@ -337,6 +338,8 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
   return ffi::Error::Success();
 }
 
+#include "pwconv_ffi.inc"
+
 }  // namespace
 }  // namespace jaxdsc_dw
 
@@ -366,6 +369,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_dw_grad_both, jaxdsc_dw::GradBoth,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("dilation")
                                   .Attr<ffi::Span<const int64_t>>("pad_lo"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_forward, jaxdsc_dw::PwForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_grad_input, jaxdsc_dw::PwGradInput,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_grad_kernel, jaxdsc_dw::PwGradKernel,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_grad_all, jaxdsc_dw::PwGradAll,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 
 // Introspection and override for tests and benchmarks (called through ctypes).

@@ -4,8 +4,10 @@
 #define DWCONV_NS generic
 #define DWCONV_VL 4
 #include "dwconv_kernels.inc"
+#include "pwconv_kernels.inc"
 
 namespace jaxdsc_dw {
 const KernelTable kGenericKernels = {"generic", generic::scratch_bytes, generic::forward,
-                                     generic::grad_input, generic::grad_kernel, generic::grad_both};
+                                     generic::grad_input, generic::grad_kernel, generic::grad_both,
+    generic::pw_plan, generic::pw_scratch_bytes, generic::pw_forward, generic::pw_grad_kernel};
 }  // namespace jaxdsc_dw

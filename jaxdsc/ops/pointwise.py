@@ -1,8 +1,17 @@
 """Pointwise (1x1) convolution as a matmul over the channel axis.
 
-On XLA:CPU a ``dot_general`` over the last axis is 1.4-2.6x faster than a 1x1
-``lax.conv`` (shared/perf-probe REPORT.md section 4), and on GPU/TPU it is the
-same GEMM, so this is the only path.
+Implementations (all compute the same function; ``tests/test_ops_pointwise.py``
+checks values and gradients of each against a float64 reference):
+
+* ``"xla"``: one ``dot_general`` on the ``(N * spatial, C_in)`` view. On
+  XLA:CPU it is 1.4-2.6x faster than a 1x1 ``lax.conv`` (shared/perf-probe
+  REPORT.md section 4); on GPU/TPU it is the vendor GEMM. The ``"auto"``
+  choice everywhere except where ``"native"`` is.
+* ``"native"``: the C++ GEMM of :mod:`jaxdsc.ops.native` (CPU, float32 or
+  bfloat16 with float32 accumulation; bias fused into the forward, the bias
+  gradient into the weight gradient). ``"auto"`` picks it on CPU for inputs
+  with at least :data:`NATIVE_MIN_ROWS` rows, where it measured faster than
+  XLA's GEMM (BENCHMARKS.md, "Layer benchmarks (issue 5)").
 """
 
 from __future__ import annotations
@@ -11,23 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+PW_IMPLS = ("xla", "native")
 
-def pointwise_conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None = None,
-    *,
-    precision: lax.PrecisionLike = None,
-) -> jax.Array:
-    """``y[..., o] = sum_i x[..., i] * kernel[i, o] + bias[o]``.
+# "auto" uses the native GEMM from this many rows (N * spatial) on: below it
+# the per-call cost (packing the weight, thread hand-off) is not amortised.
+NATIVE_MIN_ROWS = 4096
 
-    Args:
-      x: ``(N, *spatial, C_in)``.
-      kernel: ``(C_in, C_out)``.
-      bias: ``(C_out,)`` or None.
-    Returns:
-      ``(N, *spatial, C_out)`` in ``x.dtype``; low-precision inputs accumulate in float32.
-    """
+
+def _xla(x, kernel, bias, precision):
     acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
     # A 2-D matmul on the (N * spatial, C_in) view (a free reshape): its
     # autodiff weight gradient is one plain GEMM, where the N-D dot_general's
@@ -40,3 +40,68 @@ def pointwise_conv(
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y.astype(x.dtype)
+
+
+def _native_supports(x, kernel, bias) -> bool:
+    from jaxdsc.ops import native
+
+    return jax.default_backend() == "cpu" and native.pointwise_supports(x, kernel, bias)
+
+
+def select_pointwise_impl(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, impl: str = "auto"
+) -> str:
+    """Name of the implementation ``impl`` resolves to for these operands."""
+    if impl == "xla":
+        return "xla"
+    if impl == "native":
+        if not _native_supports(x, kernel, bias):
+            raise ValueError(
+                "impl='native' needs the CPU backend, the native library "
+                "(jaxdsc.ops.native.pointwise_available()) and float32 or bfloat16 "
+                f"operands of one dtype; got x {x.dtype}, kernel {kernel.dtype}"
+                + ("" if bias is None else f", bias {bias.dtype}")
+            )
+        return "native"
+    if impl != "auto":
+        raise ValueError(f"impl must be 'auto' or one of {PW_IMPLS}, got {impl!r}")
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    if rows >= NATIVE_MIN_ROWS and _native_supports(x, kernel, bias):
+        return "native"
+    return "xla"
+
+
+def pointwise_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    precision: lax.PrecisionLike = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """``y[..., o] = sum_i x[..., i] * kernel[i, o] + bias[o]``.
+
+    Args:
+      x: ``(N, *spatial, C_in)``.
+      kernel: ``(C_in, C_out)``.
+      bias: ``(C_out,)`` or None.
+      precision: passed to the ``"xla"`` path; the native path always
+        multiplies in float32 (the most precise setting).
+      impl: ``"auto"``, ``"xla"`` or ``"native"`` (see the module docstring).
+    Returns:
+      ``(N, *spatial, C_out)`` in ``x.dtype``; low-precision inputs accumulate in float32.
+    """
+    if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"kernel must be (C_in, C_out) with C_in = x.shape[-1]; got x {x.shape}, "
+            f"kernel {kernel.shape}"
+        )
+    if bias is not None and bias.shape != (kernel.shape[1],):
+        raise ValueError(f"bias must have shape ({kernel.shape[1]},), got {bias.shape}")
+    if select_pointwise_impl(x, kernel, bias, impl) == "native":
+        from jaxdsc.ops import native
+
+        return native.pointwise_conv(x, kernel, bias)
+    return _xla(x, kernel, bias, precision)
