@@ -44,6 +44,10 @@ class RestoreError(ValueError):
     """No usable checkpoint although some exist (reported as one line)."""
 
 
+class MismatchError(RestoreError):
+    """A checkpoint whose arrays do not fit the model (names the entry, stored and expected shape/dtype)."""
+
+
 def _quiet_orbax() -> None:
     with contextlib.suppress(ImportError):
         from absl import logging as absl_logging
@@ -166,9 +170,26 @@ class Checkpointer:
         return meta
 
     def restore(self, like: Any, step: int) -> Any:
-        """The state of checkpoint ``step`` with the structure, dtypes and shardings of ``like``."""
+        """The state of checkpoint ``step`` with the structure, dtypes and shardings of ``like``.
+
+        The stored keys, shapes and dtypes must equal those of ``like`` exactly (orbax would
+        silently cast dtypes): :class:`MismatchError` otherwise, before any array is read.
+        """
         target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flatten(like).items()}
+        self._check_fits(step, target)
         return unflatten(like, self._ocp.restore(self.path(step) / "state", target))
+
+    def _check_fits(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
+        stored = self._ocp.metadata(self.path(step) / "state").item_metadata.tree
+        where = self.path(step)
+        missing, extra = sorted(set(target) - set(stored)), sorted(set(stored) - set(target))
+        if missing or extra:
+            raise MismatchError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for key, want in target.items():
+            got = stored[key]
+            if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+                raise MismatchError(f"{where}: {key!r} is stored as {tuple(got.shape)} {np.dtype(got.dtype)}, "
+                                    f"expected {tuple(want.shape)} {np.dtype(want.dtype)} (no silent casts)")
 
     def restore_latest(self, like: Any) -> tuple[Any, dict[str, Any]] | None:
         """``(state, meta)`` of the newest checkpoint that restores; None when there is none.
@@ -180,6 +201,8 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 return self.restore(like, step), self.meta(step)
+            except MismatchError:
+                raise  # not damage: an older checkpoint of the same run would not fit either
             except Exception as e:  # a damaged checkpoint: say so and fall back to the previous one
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 print(f"warning: checkpoint {self.path(step)} does not restore ({first}); trying an older one",

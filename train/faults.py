@@ -12,6 +12,9 @@ the update that takes the step counter from ``k-1`` to ``k``. Actions:
                           arrays are written into the temporary dir
 ``crash-rename@N``        ... after the temporary dir is complete, before the rename
 ``crash-finalize@N``      ... after the rename, before old checkpoints are pruned
+``error-write@N``         raise :class:`InjectedFault` (an ``OSError``, like a full
+``error-rename@N``        disk) at the same three points of the save of step N,
+``error-finalize@N``      instead of killing the process
 ========================  =====================================================
 
 Example: ``JAXDSC_TRAIN_FAULT=nan@5,kill@9 python -m train ...``. Nothing
@@ -26,7 +29,12 @@ import signal
 from dataclasses import dataclass
 
 ENV_VAR = "JAXDSC_TRAIN_FAULT"
-ACTIONS = ("kill", "sigterm", "nan", "crash-write", "crash-rename", "crash-finalize")
+ACTIONS = ("kill", "sigterm", "nan", "crash-write", "crash-rename", "crash-finalize", "error-write", "error-rename",
+           "error-finalize")
+
+
+class InjectedFault(OSError):
+    """The exception raised by the ``error-*`` actions (an I/O error in the middle of a save)."""
 
 
 @dataclass(frozen=True)
@@ -90,3 +98,5 @@ def during_save(stage: str, step: int) -> None:
     """Hook run at save stage ``write`` / ``rename`` / ``finalize`` of the checkpoint of ``step``."""
     if _hit(f"crash-{stage}", step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _hit(f"error-{stage}", step):
+        raise InjectedFault(f"injected fault: error while saving step {step} (stage {stage})")
