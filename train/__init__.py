@@ -5,5 +5,6 @@ Modules: :mod:`train.config` (typed config, presets), :mod:`train.data`
 data order), :mod:`train.augment`, :mod:`train.model` (init / fine-tune
 sources), :mod:`train.optim`, :mod:`train.steps` (jitted pure steps),
 :mod:`train.checkpointing`, :mod:`train.loop`, :mod:`train.plots`,
-:mod:`train.faults` (fault injection for tests), :mod:`train.cli`.
+:mod:`train.faults` (fault injection for tests), :mod:`train.malloc`
+(allocator settings), :mod:`train.cli`.
 """

@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    from train import malloc
+
+    malloc.tune()  # before XLA starts its threads (they would get their own arenas)
     from train.faults import active
     from train.loop import TrainingError, run
 

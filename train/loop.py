@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdsc._io import atomic_write_text
-from train import faults, steps
+from train import faults, malloc, steps
 from train.checkpointing import Checkpointer
 from train.config import Config, ConfigError, default_data_dir, flat_fields, validate
 from train.data import load_or_download
@@ -123,7 +123,8 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg = validate(cfg)
-        self.workdir = Path(cfg.run.workdir).expanduser()
+        # Absolute: orbax refuses relative checkpoint paths ("Checkpoint path should be absolute").
+        self.workdir = Path(cfg.run.workdir).expanduser().absolute()
         self.primary = jax.process_index() == 0
         _check_workdir_config(self.workdir, cfg)
         self.mesh = make_mesh()
@@ -260,6 +261,11 @@ class Trainer:
             periodic = cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0
             if end_of_epoch or periodic or signals.received is not None:
                 drain()
+                # Waiting here for this step to finish is training time too (else each epoch lost one step).
+                waited = time.perf_counter() - now
+                self.meta["train_seconds"] += waited
+                if fast_images:
+                    fast_seconds += waited
                 self.meta["epoch_sums"] = [loss_sum, acc_sum, n_sum]
             if end_of_epoch:
                 if bar is not None:
@@ -345,6 +351,8 @@ class Trainer:
             "time_to_80": _time_to(self.records, 0.8), "time_to_90": _time_to(self.records, 0.9),
             "train_step_traces": steps.TRACES["train_step"] - self.traces_at_start,
             "model": f"dscnet w{cfg.model.width} d{cfg.model.depth}",
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+            "malloc": malloc.status,  # 1/5/15 min at the end: was the CPU shared?
         }
         if self.primary:
             _write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
