@@ -107,3 +107,32 @@ def test_converter_exports_a_trainer_workdir(finetuned, tmp_path, capsys):
     assert convert_cli.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert "without jaxdsc-train checkpoints" in err and "\n" not in err
+
+
+def test_relative_workdir_and_init_from(pretrained, finetuned, tmp_path, monkeypatch):
+    # orbax wants absolute checkpoint paths; the trainer must accept relative ones from the command line.
+    import shutil
+
+    shutil.copytree(finetuned, tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    args = ["--preset", "tiny", "--data-dir", str(pretrained["data"]), "--workdir", "run", "--no-progress",
+            "--no-plot", "--train-limit", "64", "--test-limit", "64", "--batch-size", "32", "--epochs", "1",
+            "--init-from", "src"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_init_from_workdir_checks_shapes(finetuned, tmp_path):
+    # A config.json that disagrees with the stored arrays: refused by name, before any array is used.
+    import shutil
+
+    shutil.copytree(finetuned, tmp_path / "w")
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    config["model"]["width"] = 4
+    (tmp_path / "w" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as info:
+        initial_model(ModelConfig(init_from=str(tmp_path / "w")), 0)
+    message = str(info.value)
+    assert "is stored as" in message and "expected" in message and "\n" not in message
