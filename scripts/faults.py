@@ -7,7 +7,7 @@
 Each line reads ``property: passed/total`` plus its figures (e.g. the slowest
 SIGTERM exit). The exit status is 1 when any property fails (the failing
 trials are printed below the table), 0 otherwise. The trials are those of
-``tests/test_faults.py`` / ``tests/test_security.py`` (``scripts/_faults_lib.py``),
+``tests/test_faults.py`` / ``tests/test_security.py`` (``scripts/_faults_lib.py``, ``scripts/_faults_files.py``),
 run on a snapshot of the sources taken at the start, so edits made to the
 working tree meanwhile cannot mix two versions of the code into one figure.
 """
@@ -54,7 +54,8 @@ def snapshot(dest: Path) -> Path:
     for pkg in PACKAGES:
         shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (dest / "scripts").mkdir(parents=True)
-    shutil.copy2(ROOT / "scripts" / "_faults_lib.py", dest / "scripts" / "_faults_lib.py")
+    for name in ("_faults_lib.py", "_faults_files.py"):
+        shutil.copy2(ROOT / "scripts" / name, dest / "scripts" / name)
     return dest
 
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     digest = source_digest(ROOT)
     src = ROOT if args.no_snapshot else snapshot(work / "src")
     sys.path[:0] = [str(src / "scripts"), str(src)]
+    import _faults_files as files
     import _faults_lib as lib
 
     if not args.no_snapshot and Path(lib.__file__).resolve().parent != (src / "scripts").resolve():
@@ -179,37 +181,37 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------ checkpointer
     with lib.GATE:
-        keeps = [lib.keep_n_trial(work / f"keep{n}", n, counts["keep_saves"]) for n in (1, 2, 3, 5)]
+        keeps = [files.keep_n_trial(work / f"keep{n}", n, counts["keep_saves"]) for n in (1, 2, 3, 5)]
         report.add("keep-N: after many saves exactly N checkpoints, no temporary dirs", keeps,
                    f"N=1,2,3,5 x {counts['keep_saves']} saves; the trainer's keep 2 after {lib.TOTAL} saves: in each NaN-skip trial")
-        mism = lib.mismatch_trials(env.ref_arrays(), work / "mismatch")
+        mism = files.mismatch_trials(env.ref_arrays(), work / "mismatch")
         report.add("trainer checkpoint into another shape/dtype: refused before restore, naming entry, stored, "
                    "expected", mism, "every entry of a run's state x (shape, dtype)")
-        tbm = lib.torch_bridge_mismatch_trials(counts["tb_mismatch"])
+        tbm = files.torch_bridge_mismatch_trials(counts["tb_mismatch"])
         report.add("torch_bridge state dict of another shape/dtype: refused naming tensor, stored, expected; "
                    "module untouched", tbm, "every tensor of a DSCNet x (shape, dtype)")
 
         # -------------------------------------------------------- files
         sec = work / "security"
         sec.mkdir()
-        sanity = [lib.Trial(lib.payload_works(sec, p), f"{p} payload does not run") for p in lib.PAYLOADS]
-        loaders = lib.loaders(sec, env.data)
-        pickles = [lib.pickle_trial(sec, name, load, suffix, payload) for name, load in loaders.items()
-                   for suffix in lib.SUFFIXES for payload in lib.PAYLOADS]
+        sanity = [lib.Trial(files.payload_works(sec, p), f"{p} payload does not run") for p in files.PAYLOADS]
+        loaders = files.loaders(sec, env.data)
+        pickles = [files.pickle_trial(sec, name, load, suffix, payload) for name, load in loaders.items()
+                   for suffix in files.SUFFIXES for payload in files.PAYLOADS]
         pickles = sanity + pickles if not all(t.ok for t in sanity) else pickles
         report.add("pickle payloads refused, never executed", pickles,
-                   f"{len(loaders)} loaders x {len(lib.SUFFIXES)} extensions x {len(lib.PAYLOADS)} containers; "
+                   f"{len(loaders)} loaders x {len(files.SUFFIXES)} extensions x {len(files.PAYLOADS)} containers; "
                    f"each payload runs when unpickled unsafely: {sum(t.ok for t in sanity)}/{len(sanity)}")
         report.add("plain PyTorch state dicts read only with torch.load(weights_only=True)",
-                   weights_only_trials(sec, lib), "every loader that reads .pt/.pth/.bin/.ckpt")
+                   weights_only_trials(sec, lib, files), "every loader that reads .pt/.pth/.bin/.ckpt")
 
-        good = lib.valid_file(sec / "good.safetensors")
+        good = files.valid_file(sec / "good.safetensors")
         blob = good.read_bytes()
-        flips = [lib.bitflip_trial(blob, sec / "flip.safetensors", rng.randrange(1 << 30), rng.randrange(8))
+        flips = [files.bitflip_trial(blob, sec / "flip.safetensors", rng.randrange(1 << 30), rng.randrange(8))
                  for _ in range(counts["bitflips"])]
         report.add("bit flip in the data region detected, naming the tensor", flips,
                    f"{counts['bitflips']} random flips, read + load")
-        fuzz, fuzz_counts = run_fuzz(lib, sec, blob, counts["fuzz"], args.seed)
+        fuzz, fuzz_counts = run_fuzz(files, sec, blob, counts["fuzz"], args.seed)
         report.add("fuzz: only ValueError subclasses (CheckpointError/ConfigError), never another exception",
                    fuzz, ", ".join(f"{k} {v}" for k, v in fuzz_counts.items()) + "; 7 readers")
 
@@ -245,7 +247,7 @@ def git_head() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def weights_only_trials(tmp: Path, lib: Any) -> list[Any]:
+def weights_only_trials(tmp: Path, lib: Any, files: Any) -> list[Any]:
     import torch
     from flax import nnx
 
@@ -255,7 +257,7 @@ def weights_only_trials(tmp: Path, lib: Any) -> list[Any]:
     twin = torch_bridge.to_torch(jaxdsc.models.DSCNet(10, width=4, depth=1, rngs=nnx.Rngs(0)))
     real = torch.load
     out = []
-    for i, (name, load) in enumerate(lib.loaders(tmp).items()):
+    for i, (name, load) in enumerate(files.loaders(tmp).items()):
         if name in ("torch_bridge.load(jax)", "torch_bridge.load(torch)", "torch_bridge.read", "--init-from"):
             continue  # torch_bridge.save files only: no torch.load at all
         for suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -274,7 +276,7 @@ def weights_only_trials(tmp: Path, lib: Any) -> list[Any]:
     return out
 
 
-def run_fuzz(lib: Any, tmp: Path, blob: bytes, n: int, seed: int) -> tuple[list[Any], dict[str, int]]:
+def run_fuzz(files: Any, tmp: Path, blob: bytes, n: int, seed: int) -> tuple[list[Any], dict[str, int]]:
     """Hypothesis-generated random files, truncations and byte flips of a valid file through every reader."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -282,27 +284,27 @@ def run_fuzz(lib: Any, tmp: Path, blob: bytes, n: int, seed: int) -> tuple[list[
     import torch_bridge
 
     original = torch_bridge.read(tmp / "good.safetensors").tensors
-    readers = {**lib.fuzz_readers(), **{k: v for k, v in lib.loaders(tmp).items() if k.startswith("jaxdsc-convert")}}
+    readers = {**files.fuzz_readers(), **{k: v for k, v in files.loaders(tmp).items() if k.startswith("jaxdsc-convert")}}
     out: list[Any] = []
     cfg = settings(max_examples=n, deadline=None, database=None, derandomize=True,
                    suppress_health_check=list(HealthCheck))
 
     @cfg
-    @given(data=st.binary(max_size=4096), suffix=st.sampled_from(lib.SUFFIXES))
+    @given(data=st.binary(max_size=4096), suffix=st.sampled_from(files.SUFFIXES))
     def random_bytes(data: bytes, suffix: str) -> None:
-        out.append(lib.fuzz_one(tmp / f"random{suffix}", data, None, readers))
+        out.append(files.fuzz_one(tmp / f"random{suffix}", data, None, readers))
 
     @cfg
     @given(cut=st.integers(0, len(blob) - 1))
     def truncations(cut: int) -> None:
-        out.append(lib.fuzz_one(tmp / "cut.safetensors", blob[:cut], None, readers))
+        out.append(files.fuzz_one(tmp / "cut.safetensors", blob[:cut], None, readers))
 
     @cfg
     @given(position=st.integers(0, len(blob) - 1), value=st.integers(1, 255))
     def byte_flips(position: int, value: int) -> None:
         flipped = bytearray(blob)
         flipped[position] ^= value
-        out.append(lib.fuzz_one(tmp / "flipped.safetensors", bytes(flipped), original, readers))
+        out.append(files.fuzz_one(tmp / "flipped.safetensors", bytes(flipped), original, readers))
 
     figures = {}
     for fn in (random_bytes, truncations, byte_flips):

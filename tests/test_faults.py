@@ -1,6 +1,6 @@
 """Training faults at small counts (``scripts/faults.py`` runs the same trials at full counts).
 
-The trials live in ``scripts/_faults_lib.py``: kill -9 / SIGTERM at a seeded
+The trials live in ``scripts/_faults_lib.py`` (trainer) and ``_faults_files.py``: kill -9 / SIGTERM at a seeded
 random step and rerun (bit-exact, data order, one trace per process), a crash
 in each stage of a save (process exit through the trainer, exception through
 the checkpointer), keep-N, a skipped NaN batch, and a checkpoint restored
@@ -20,6 +20,7 @@ import pytest
 from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import _faults_files as files
 import _faults_lib as lib
 
 from train import faults
@@ -79,7 +80,7 @@ def test_process_exit_while_saving(env, tmp_path, stage):
 
 @pytest.mark.parametrize("stage", lib.STAGES)
 def test_exception_while_saving(tmp_path, stage):
-    assert_ok(lib.checkpointer_error_trial(tmp_path / "ckpt", stage))
+    assert_ok(files.checkpointer_error_trial(tmp_path / "ckpt", stage))
 
 
 def test_error_actions_parse():
@@ -90,7 +91,7 @@ def test_error_actions_parse():
 
 @pytest.mark.parametrize("keep", [1, 3])
 def test_keep_n_after_many_saves(tmp_path, keep):
-    assert_ok(lib.keep_n_trial(tmp_path / "ckpt", keep, saves=12))
+    assert_ok(files.keep_n_trial(tmp_path / "ckpt", keep, saves=12))
 
 
 def test_one_nan_batch_is_skipped_without_changing_the_state(env, tmp_path):
@@ -101,15 +102,15 @@ def test_one_nan_batch_is_skipped_without_changing_the_state(env, tmp_path):
 def test_restore_into_another_shape_or_dtype_fails_naming_it(tmp_path):
     from train.checkpointing import flatten
 
-    arrays = {k: v.__array__() for k, v in flatten(lib.small_state(1)).items()}
-    trials = lib.mismatch_trials(arrays, tmp_path / "ckpt")
+    arrays = {k: v.__array__() for k, v in flatten(files.small_state(1)).items()}
+    trials = files.mismatch_trials(arrays, tmp_path / "ckpt")
     assert len(trials) == 2 * len(arrays)
     for trial in trials:
         assert_ok(trial)
 
 
 def test_torch_bridge_refuses_another_shape_or_dtype_naming_it():
-    trials = lib.torch_bridge_mismatch_trials(limit=8)  # all tensors: scripts/faults.py
+    trials = files.torch_bridge_mismatch_trials(limit=8)  # all tensors: scripts/faults.py
     assert len(trials) == 16
     for trial in trials:
         assert_ok(trial)

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import _faults_lib as lib
+import _faults_files as files
 
 import torch_bridge
 
@@ -49,25 +49,25 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> tuple[bytes, dict[str, np.ndarray]]:
-    path = lib.valid_file(tmp_path_factory.mktemp("good") / "ok.safetensors")
+    path = files.valid_file(tmp_path_factory.mktemp("good") / "ok.safetensors")
     return path.read_bytes(), torch_bridge.read(path).tensors
 
 
 def test_every_loader_is_covered(tmp_path, data):
-    assert sorted(lib.loaders(tmp_path, data)) == sorted(LOADERS)
+    assert sorted(files.loaders(tmp_path, data)) == sorted(LOADERS)
 
 
-@pytest.mark.parametrize("payload", lib.PAYLOADS)
+@pytest.mark.parametrize("payload", files.PAYLOADS)
 def test_payload_runs_when_unpickled_unsafely(tmp_path, payload):
-    assert lib.payload_works(tmp_path, payload)  # so the refusal tests below can fail
+    assert files.payload_works(tmp_path, payload)  # so the refusal tests below can fail
 
 
-@pytest.mark.parametrize("payload", lib.PAYLOADS)
+@pytest.mark.parametrize("payload", files.PAYLOADS)
 @pytest.mark.parametrize("loader", LOADERS)
 def test_pickle_payloads_are_refused_and_never_run(tmp_path, data, loader, payload):
-    load = lib.loaders(tmp_path, data)[loader]
-    for suffix in lib.SUFFIXES:
-        trial = lib.pickle_trial(tmp_path, loader, load, suffix, payload)
+    load = files.loaders(tmp_path, data)[loader]
+    for suffix in files.SUFFIXES:
+        trial = files.pickle_trial(tmp_path, loader, load, suffix, payload)
         assert trial.ok, trial.detail
     assert not list(tmp_path.glob("PWNED*"))
 
@@ -86,7 +86,7 @@ def test_plain_state_dicts_are_read_with_weights_only(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    for i, (name, load) in enumerate(lib.loaders(tmp_path).items()):
+    for i, (name, load) in enumerate(files.loaders(tmp_path).items()):
         if name in ("torch_bridge.load(jax)", "torch_bridge.load(torch)", "torch_bridge.read", "--init-from"):
             continue  # these accept torch_bridge.save files only (no torch.load at all)
         path = tmp_path / f"plain{i}.pt"
@@ -99,15 +99,15 @@ def test_plain_state_dicts_are_read_with_weights_only(tmp_path, monkeypatch):
 @FUZZ
 @given(position=st.integers(0, 10**9), bit=st.integers(0, 7))
 def test_a_flipped_bit_in_the_data_names_its_tensor(tmp_path, good, position, bit):
-    trial = lib.bitflip_trial(good[0], tmp_path / "flip.safetensors", position, bit)
+    trial = files.bitflip_trial(good[0], tmp_path / "flip.safetensors", position, bit)
     assert trial.ok, trial.detail
 
 
 @FUZZ
-@given(data=st.binary(max_size=2048), suffix=st.sampled_from(lib.SUFFIXES))
+@given(data=st.binary(max_size=2048), suffix=st.sampled_from(files.SUFFIXES))
 def test_fuzz_init_from_and_convert_random_bytes(tmp_path, data, suffix):
-    readers = {k: v for k, v in lib.loaders(tmp_path).items() if k.startswith(("--init-from", "jaxdsc-convert"))}
-    trial = lib.fuzz_one(tmp_path / f"random{suffix}", data, None, readers)
+    readers = {k: v for k, v in files.loaders(tmp_path).items() if k.startswith(("--init-from", "jaxdsc-convert"))}
+    trial = files.fuzz_one(tmp_path / f"random{suffix}", data, None, readers)
     assert trial.ok, trial.detail
 
 
@@ -119,9 +119,9 @@ def test_fuzz_init_from_flips_and_truncations(tmp_path, good, position, bit, cut
         blob = blob[: position % len(blob)]
     else:
         blob[position % len(blob)] ^= 1 << bit
-    readers = {k: v for k, v in lib.fuzz_readers().items() if k in ("--init-from", "torch_bridge.read")}
-    readers["jaxdsc-convert --info"] = lib.loaders(tmp_path)["jaxdsc-convert --info"]
-    trial = lib.fuzz_one(tmp_path / "mutated.safetensors", bytes(blob), good[1], readers)
+    readers = {k: v for k, v in files.fuzz_readers().items() if k in ("--init-from", "torch_bridge.read")}
+    readers["jaxdsc-convert --info"] = files.loaders(tmp_path)["jaxdsc-convert --info"]
+    trial = files.fuzz_one(tmp_path / "mutated.safetensors", bytes(blob), good[1], readers)
     assert trial.ok, trial.detail
 
 
