@@ -72,6 +72,24 @@ def unflatten(like: Any, flat: dict[str, Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p)] for p, _ in paths])
 
 
+def first_mismatch(stored: dict[str, Any], expected: dict[str, Any], *, extra_ok: bool = False) -> str | None:
+    """The first way ``stored`` arrays (anything with shape/dtype) differ from ``expected``; None if they fit.
+
+    Missing or (unless ``extra_ok``) unexpected keys, else the first entry whose shape or dtype differs,
+    named with both: restoring tools would cast or reshape silently, so callers check this first.
+    """
+    missing = sorted(set(expected) - set(stored))
+    extra = [] if extra_ok else sorted(set(stored) - set(expected))
+    if missing or extra:
+        return f"missing {missing[:5]}, unexpected {extra[:5]}"
+    for key, want in expected.items():
+        got = stored[key]
+        if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+            return (f"{key!r} is stored as {tuple(got.shape)} {np.dtype(got.dtype)}, "
+                    f"expected {tuple(want.shape)} {np.dtype(want.dtype)}")
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -181,15 +199,9 @@ class Checkpointer:
 
     def _check_fits(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
         stored = self._ocp.metadata(self.path(step) / "state").item_metadata.tree
-        where = self.path(step)
-        missing, extra = sorted(set(target) - set(stored)), sorted(set(stored) - set(target))
-        if missing or extra:
-            raise MismatchError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
-        for key, want in target.items():
-            got = stored[key]
-            if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
-                raise MismatchError(f"{where}: {key!r} is stored as {tuple(got.shape)} {np.dtype(got.dtype)}, "
-                                    f"expected {tuple(want.shape)} {np.dtype(want.dtype)} (no silent casts)")
+        problem = first_mismatch(stored, target)
+        if problem:
+            raise MismatchError(f"{self.path(step)} does not fit this model: {problem} (no silent casts)")
 
     def restore_latest(self, like: Any) -> tuple[Any, dict[str, Any]] | None:
         """``(state, meta)`` of the newest checkpoint that restores; None when there is none.

@@ -84,20 +84,8 @@ def _from_torch_state(cfg: ModelConfig, torch_config: dict[str, Any], tensors: d
     return model
 
 
-def _check_fits(ckpt: Path, kind: str, want: dict[str, Any], got: dict[str, np.ndarray]) -> None:
-    # Before any array reaches the model: replace_by_pure_dict would accept a wrong shape or dtype silently.
-    missing = sorted(set(want) - set(got))
-    if missing:
-        raise ConfigError(f"{ckpt}: checkpoint lacks {kind} entries {missing[:5]}")
-    for key, like in want.items():
-        arr = got[key]
-        if tuple(arr.shape) != tuple(like.shape) or np.dtype(arr.dtype) != np.dtype(like.dtype):
-            raise ConfigError(f"{ckpt}: {kind} entry {key!r} is stored as {tuple(arr.shape)} {np.dtype(arr.dtype)}, "
-                              f"expected {tuple(like.shape)} {np.dtype(like.dtype)}")
-
-
 def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> DSCNet:
-    from train.checkpointing import flatten, read_arrays, unflatten
+    from train.checkpointing import first_mismatch, flatten, read_arrays, unflatten
 
     arrays, ckpt = read_arrays(path)
     cfg_file = next((p / "config.json" for p in (ckpt.parent.parent, path) if (p / "config.json").is_file()), None)
@@ -111,7 +99,9 @@ def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> DSCNet:
         state = nnx.state(model, var)
         pure = nnx.to_pure_dict(state)
         flat = {k[len(prefix + kind) + 1:]: v for k, v in arrays.items() if k.startswith(f"{prefix}{kind}.")}
-        _check_fits(ckpt, kind, flatten(pure), flat)
+        problem = first_mismatch(flat, flatten(pure), extra_ok=True)
+        if problem:  # before any array reaches the model: replace_by_pure_dict would not check
+            raise ConfigError(f"{ckpt}: {kind} do not fit the model of its config.json: {problem}")
         nnx.replace_by_pure_dict(state, unflatten(pure, flat))
         nnx.update(model, state)
     return model
