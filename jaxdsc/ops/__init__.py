@@ -4,20 +4,25 @@ Importing this package registers every depthwise implementation: ``"xla"``
 (reference), ``"shift"`` (pure JAX) and ``"native"`` (C++ via ``jax.ffi``,
 CPU only, present only when its shared library was built and loads).
 The pointwise conv has ``impl="xla"`` (``dot_general``) and ``"native"``
-(the same library's GEMM), see :mod:`jaxdsc.ops.pointwise`.
+(the same library's GEMM), see :mod:`jaxdsc.ops.pointwise`; the dense conv
+``"xla"`` and ``"patches"`` (im2col + that GEMM), see :mod:`jaxdsc.ops.dense`.
 """
 
 from jaxdsc.ops import native as _native  # noqa: F401  (registers "native")
 from jaxdsc.ops import shift as _shift  # noqa: F401  (registers "shift")
+from jaxdsc.ops.dense import DENSE_IMPLS, dense_conv, select_dense_impl
 from jaxdsc.ops.depthwise import IMPLS, depthwise_conv, register_impl, select_impl
 from jaxdsc.ops.pointwise import PW_IMPLS, pointwise_conv, select_pointwise_impl
 
 __all__ = [
+    "DENSE_IMPLS",
     "IMPLS",
     "PW_IMPLS",
+    "dense_conv",
     "depthwise_conv",
     "pointwise_conv",
     "register_impl",
+    "select_dense_impl",
     "select_impl",
     "select_pointwise_impl",
 ]
