@@ -44,6 +44,7 @@ dwconv = Extension(
         "csrc/dwconv_drivers.inc",
         "csrc/pwconv_kernels.inc",
         "csrc/pwconv_ffi.inc",
+        "csrc/sepconv_ffi.inc",
     ],
     language="c++",
     extra_compile_args=[

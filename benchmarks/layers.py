@@ -6,6 +6,10 @@ issue's shapes. Candidates per row:
 
 * ``jaxdsc``: ``depthwise_conv(impl="auto")`` (+ ``pointwise_conv``), i.e. the
   native C++ kernel on CPU when built, else the pure-JAX shift path;
+  For sep: ``jaxdsc.ops.separable_conv``, whose forward is one fused native
+  kernel on CPU (the depthwise rows stay in cache for the pointwise GEMM);
+* ``jaxdsc_unfused`` (sep): ``pointwise_conv(depthwise_conv(x))``, the two
+  layers one after the other (the path before the fused forward);
 * ``jaxdsc_shift``: the pure-JAX path forced (``impl="shift"``);
 * ``jaxdsc_pwxla`` (pw, sep): as ``jaxdsc`` but the pointwise conv forced to
   ``impl="xla"`` (XLA's GEMM, the path before the native GEMM);
@@ -41,7 +45,7 @@ import torch
 from _harness import env_info, roofline_probe, time_interleaved
 from flax import nnx
 
-from jaxdsc.ops import depthwise_conv, pointwise_conv, select_impl
+from jaxdsc.ops import depthwise_conv, pointwise_conv, select_impl, separable_conv
 from jaxdsc.ops.depthwise import make_call
 from jaxdsc.ops.pointwise import select_pointwise_impl
 
@@ -126,12 +130,16 @@ def jax_candidates(
         if kind == "dw":
             out[label] = _jax_callable(dw(impl), (x, wd), mode)
         elif kind == "sep":
-            f = dw(impl)
-            out[label] = _jax_callable(
-                lambda x, wd, wp, f=f: pointwise_conv(f(x, wd), wp), (x, wd, wp), mode
-            )
+            sep = functools.partial(separable_conv, impl=impl, **conv_args)
+            out[label] = _jax_callable(lambda x, wd, wp, sep=sep: sep(x, wd, wp), (x, wd, wp), mode)
         elif impl == "auto":
             out[label] = _jax_callable(pointwise_conv, (x, wp), mode)
+    if kind == "sep" and pw_xla:
+        # The two layers one after the other (no fused forward), for before/after in one run.
+        f = dw("auto")
+        out["jaxdsc_unfused"] = _jax_callable(
+            lambda x, wd, wp: pointwise_conv(f(x, wd), wp), (x, wd, wp), mode
+        )
     if kind in ("pw", "sep") and pw_xla:
         # The previous pointwise path (XLA's GEMM), for before/after in one run.
         f = dw("auto")

@@ -28,6 +28,7 @@ struct Geom {
   int64_t p[3];    // low-side zero padding (high side is implied by in/out)
   int bf16;        // 1: x, w, g and results are bfloat16 (float32 accumulation)
   int stream;      // 1: write float32 outputs with non-temporal stores (large outputs)
+  int64_t y_row0;  // forward: index of the first output row that y holds (0: all of them)
 };
 
 // One kernel tap applied along a row: out[i] += in[i * is + off] * w (per

@@ -339,6 +339,7 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
 }
 
 #include "pwconv_ffi.inc"
+#include "sepconv_ffi.inc"
 
 }  // namespace
 }  // namespace jaxdsc_dw
@@ -398,6 +399,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_grad_all, jaxdsc_dw::PwGradAll,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_sep_forward, jaxdsc_dw::SepForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo"));
 #pragma GCC visibility pop
 
 // Introspection and override for tests and benchmarks (called through ctypes).

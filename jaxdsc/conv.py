@@ -22,6 +22,7 @@ from jaxdsc.norm import BatchNorm
 from jaxdsc.ops import depthwise_conv, pointwise_conv
 from jaxdsc.ops.dense import DENSE_IMPLS, dense_conv
 from jaxdsc.ops.depthwise import IMPLS
+from jaxdsc.ops.separable import separable_conv
 from jaxdsc.padding import PaddingLike, canonical_padding, resolve_padding
 
 IntOrTuple = int | Sequence[int]
@@ -274,6 +275,8 @@ class SeparableConv(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.norm is None and self.mid_activation is None and self.project is None:
+            return self._plain(x)
         h = self.depthwise(x)
         if self.norm is not None:
             h = self.norm(h)
@@ -282,6 +285,22 @@ class SeparableConv(nnx.Module):
         if self.project is not None:
             y = self.project(jnp.concatenate([h, y.astype(h.dtype)], axis=-1))
         return y
+
+    def _plain(self, x: jax.Array) -> jax.Array:
+        """``pointwise(depthwise(x))`` as one op: its forward is fused on CPU (jaxdsc.ops.separable)."""
+        dw, pw = self.depthwise, self.pointwise
+        check_float_input(x)
+        _checks.input_layout(x.shape, rank=len(dw.kernel_size), channels=dw.in_features, channels_last=True)
+        dw_bias = dw.bias[...] if dw.bias is not None else None
+        pw_bias = pw.bias[...] if pw.bias is not None else None
+        dtype = _compute_dtype(dw.dtype, x, dw.kernel[...], dw_bias, pw.kernel[...], pw_bias)
+        x, pairs = pad_input(x, dw.padding, dw.kernel_size, dw.strides, dw.kernel_dilation)
+        return separable_conv(
+            x.astype(dtype), dw.kernel[...].astype(dtype), pw.kernel[...].astype(dtype),
+            None if dw_bias is None else dw_bias.astype(dtype),
+            None if pw_bias is None else pw_bias.astype(dtype), strides=dw.strides, padding=pairs,
+            dilation=dw.kernel_dilation, impl=dw.impl, precision=dw.precision,
+        )
 
 
 class Conv(nnx.Module):

@@ -6,6 +6,8 @@ CPU only, present only when its shared library was built and loads).
 The pointwise conv has ``impl="xla"`` (``dot_general``) and ``"native"``
 (the same library's GEMM), see :mod:`jaxdsc.ops.pointwise`; the dense conv
 ``"xla"`` and ``"patches"`` (im2col + that GEMM), see :mod:`jaxdsc.ops.dense`.
+``separable_conv`` chains depthwise and pointwise, its forward fused into one
+native kernel on CPU (:mod:`jaxdsc.ops.separable`).
 """
 
 from jaxdsc.ops import native as _native  # noqa: F401  (registers "native")
@@ -13,6 +15,7 @@ from jaxdsc.ops import shift as _shift  # noqa: F401  (registers "shift")
 from jaxdsc.ops.dense import DENSE_IMPLS, dense_conv, select_dense_impl
 from jaxdsc.ops.depthwise import IMPLS, depthwise_conv, register_impl, select_impl
 from jaxdsc.ops.pointwise import PW_IMPLS, pointwise_conv, select_pointwise_impl
+from jaxdsc.ops.separable import separable_conv
 
 __all__ = [
     "DENSE_IMPLS",
@@ -25,4 +28,5 @@ __all__ = [
     "select_dense_impl",
     "select_impl",
     "select_pointwise_impl",
+    "separable_conv",
 ]
