@@ -3,7 +3,9 @@
 Method (the CPU is a noisy shared 2-vCPU VM): every candidate is warmed up,
 then timed in ``rounds`` rounds; in each round every candidate runs a block of
 back-to-back synchronous calls lasting at least ``block_s`` seconds, in an
-order rotated from round to round so slow drifts hit all candidates alike.
+order rotated from round to round so slow drifts hit all candidates alike, with a
+``gap_s`` pause before each block so no candidate pays for the previous one's
+still-spinning threads.
 Report medians over rounds and ratios of medians from the same process.
 """
 
@@ -32,7 +34,8 @@ class Timing:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, rounds: int = 7, block_s: float = 0.25, warmup: int = 2
+    fns: dict[str, Callable[[], object]], *, rounds: int = 7, block_s: float = 0.25, warmup: int = 2,
+    gap_s: float = 0.05,
 ) -> dict[str, Timing]:
     """Time zero-argument synchronous callables, interleaved; see the module docstring."""
     names = list(fns)
@@ -48,6 +51,10 @@ def time_interleaved(
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, n = fns[name], calls[name]
+            # A pause between blocks: PyTorch's OpenMP threads keep spinning for a while after its
+            # last call and took CPU from the next block (pw fwd N128 16x16 64->64: jaxdsc 0.65 ms
+            # right after a torch block, 0.58-0.59 ms after a 50 ms pause; torch 0.59-0.64 either way).
+            time.sleep(gap_s)
             pf0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(n):
