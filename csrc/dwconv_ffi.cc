@@ -363,15 +363,19 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
 }  // namespace
 }  // namespace jaxdsc_dw
 
-#define JAXDSC_BINDING                            \
-  ffi::Ffi::Bind()                                \
-      .Ctx<ffi::ThreadPool>()                     \
-      .Arg<ffi::AnyBuffer>()                      \
-      .Arg<ffi::AnyBuffer>()                      \
-      .Ret<ffi::AnyBuffer>()                      \
-      .Attr<ffi::Span<const int64_t>>("strides")  \
+// The depthwise geometry attributes, last in every depthwise binding.
+#define JAXDSC_GEOM_ATTRS                       \
+  Attr<ffi::Span<const int64_t>>("strides")     \
       .Attr<ffi::Span<const int64_t>>("dilation") \
       .Attr<ffi::Span<const int64_t>>("pad_lo")
+
+#define JAXDSC_BINDING        \
+  ffi::Ffi::Bind()            \
+      .Ctx<ffi::ThreadPool>() \
+      .Arg<ffi::AnyBuffer>()  \
+      .Arg<ffi::AnyBuffer>()  \
+      .Ret<ffi::AnyBuffer>()  \
+      .JAXDSC_GEOM_ATTRS
 
 // The library is built with -fvisibility=hidden; only these symbols are exported.
 #pragma GCC visibility push(default)
@@ -386,9 +390,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_dw_grad_both, jaxdsc_dw::GradBoth,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo"));
+                                  .JAXDSC_GEOM_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_forward, jaxdsc_dw::PwForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -426,9 +428,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_sep_forward, jaxdsc_dw::SepForward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo"));
+                                  .JAXDSC_GEOM_ATTRS);
 #pragma GCC visibility pop
 
 // Introspection and override for tests and benchmarks (called through ctypes).

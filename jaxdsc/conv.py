@@ -21,7 +21,7 @@ from jaxdsc.activations import apply_activation, check_activation
 from jaxdsc.norm import BatchNorm
 from jaxdsc.ops import depthwise_conv, pointwise_conv
 from jaxdsc.ops.dense import DENSE_IMPLS, dense_conv
-from jaxdsc.ops.depthwise import IMPLS
+from jaxdsc.ops.depthwise import IMPLS, Pairs
 from jaxdsc.ops.separable import separable_conv
 from jaxdsc.padding import PaddingLike, canonical_padding, resolve_padding
 
@@ -126,14 +126,21 @@ class DepthwiseConv(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _prepare(self, x: jax.Array, *others: jax.Array | None) -> tuple[jax.Array, Pairs, jnp.dtype]:
+        """Checked and padded input, its zero-padding pairs and the compute dtype (of x, the
+        kernel, the bias and ``others``, unless ``dtype`` is set)."""
         check_float_input(x)
         _checks.input_layout(
             x.shape, rank=len(self.kernel_size), channels=self.in_features, channels_last=True
         )
         bias = self.bias[...] if self.bias is not None else None
-        dtype = _compute_dtype(self.dtype, x, self.kernel[...], bias)
+        dtype = _compute_dtype(self.dtype, x, self.kernel[...], bias, *others)
         x, pairs = pad_input(x, self.padding, self.kernel_size, self.strides, self.kernel_dilation)
+        return x, pairs, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, pairs, dtype = self._prepare(x)
+        bias = self.bias[...] if self.bias is not None else None
         y = depthwise_conv(
             x.astype(dtype),
             self.kernel[...].astype(dtype),
@@ -289,12 +296,9 @@ class SeparableConv(nnx.Module):
     def _plain(self, x: jax.Array) -> jax.Array:
         """``pointwise(depthwise(x))`` as one op: its forward is fused on CPU (jaxdsc.ops.separable)."""
         dw, pw = self.depthwise, self.pointwise
-        check_float_input(x)
-        _checks.input_layout(x.shape, rank=len(dw.kernel_size), channels=dw.in_features, channels_last=True)
         dw_bias = dw.bias[...] if dw.bias is not None else None
         pw_bias = pw.bias[...] if pw.bias is not None else None
-        dtype = _compute_dtype(dw.dtype, x, dw.kernel[...], dw_bias, pw.kernel[...], pw_bias)
-        x, pairs = pad_input(x, dw.padding, dw.kernel_size, dw.strides, dw.kernel_dilation)
+        x, pairs, dtype = dw._prepare(x, pw.kernel[...], pw_bias)
         return separable_conv(
             x.astype(dtype), dw.kernel[...].astype(dtype), pw.kernel[...].astype(dtype),
             None if dw_bias is None else dw_bias.astype(dtype),

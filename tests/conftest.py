@@ -202,6 +202,24 @@ def x64_enabled() -> Iterator[None]:
         yield
 
 
+ISAS = ("generic", "avx2", "avx512")
+
+
+@contextlib.contextmanager
+def native_isa(isa: str) -> Iterator[None]:
+    """The native kernels on instruction set ``isa`` for the body (skip when this CPU lacks it)."""
+    from jaxdsc.ops import native
+
+    try:
+        native.set_isa(isa)
+    except ValueError:
+        pytest.skip(f"{isa} not supported by this CPU")
+    try:
+        yield
+    finally:
+        native.set_isa("best")
+
+
 @pytest.fixture
 def x64() -> Iterator[None]:
     """Run the test with ``jax_enable_x64``; restored afterwards."""

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ISAS, native_isa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -283,19 +284,13 @@ def test_dtype_mismatch_is_a_type_error():
 
 
 @needs_native
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_native_every_instruction_set(isa):
-    try:
-        native.set_isa(isa)
-    except ValueError:
-        pytest.skip(f"{isa} not supported by this CPU")
-    try:
+    with native_isa(isa):
         assert native.isa() == isa
         for case in (GRID[2], GRID[3], GRID[9], GRID[10]):
             _check("native", *case)
         _check("native", *GRID[1], dtype=jnp.bfloat16, tol=1e-2)
-    finally:
-        native.set_isa("best")
 
 
 @needs_native

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ISAS, native_isa
 
 from jaxdsc.ops import native, pointwise_conv
 from jaxdsc.ops.pointwise import NATIVE_MIN_ROWS, PW_IMPLS, select_pointwise_impl
@@ -164,19 +165,13 @@ def test_eager_call_without_jit(impl):
 
 
 @needs_native
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_native_every_instruction_set(isa):
-    try:
-        native.set_isa(isa)
-    except ValueError:
-        pytest.skip(f"{isa} not supported by this CPU")
-    try:
+    with native_isa(isa):
         assert native.isa() == isa
         for case in (CASES[1], CASES[5], CASES[7], CASES[8]):
             _check("native", *case)
         _check("native", *CASES[2], dtype=jnp.bfloat16, tol=1e-2)
-    finally:
-        native.set_isa("best")
 
 
 @needs_native

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import x64_enabled
+from conftest import ISAS, native_isa, x64_enabled
 from flax import nnx
 
 import jaxdsc
@@ -136,16 +136,8 @@ def test_bad_operands_name_the_argument():
         separable_conv(x, wd, jnp.zeros((8, 4)), None, jnp.zeros(8), **kw)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_instruction_set(isa):
-    from jaxdsc.ops import native
-
-    try:
-        native.set_isa(isa)
-    except ValueError:
-        pytest.skip(f"{isa} not supported by this CPU")
-    try:
+    with native_isa(isa):
         for case in (CASES[1], CASES[2]):
             test_fused_forward_matches_float64(case, True, True)
-    finally:
-        native.set_isa("best")

@@ -94,6 +94,8 @@ def dense_conv(
       ``(N, *out_spatial, C_out)`` in ``x.dtype``; bfloat16/float16 inputs accumulate in float32.
     """
     rank = x.ndim - 2
+    if not 1 <= rank <= 3:
+        raise ValueError(f"x must have rank 3, 4 or 5 (N, *spatial, C), got shape {x.shape}")
     if kernel.ndim != rank + 2 or kernel.shape[-2] != x.shape[-1]:
         raise ValueError(
             f"kernel must be (*kernel_size, C_in, C_out) with {rank} spatial axes and "
@@ -105,9 +107,7 @@ def dense_conv(
         )
     if select_dense_impl(x, impl) == "patches":
         return _patches(x, kernel, strides, padding, dilation, precision)
-    spatial = "DHW"[3 - rank:] if rank <= 3 else None
-    if spatial is None:
-        raise ValueError(f"at most 3 spatial axes are supported, got x {x.shape}")
+    spatial = "DHW"[3 - rank:]
     low = x.dtype in (jnp.bfloat16, jnp.float16)
     return lax.conv_general_dilated(
         x, kernel, window_strides=tuple(strides), padding=tuple(padding),
