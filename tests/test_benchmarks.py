@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark scripts: they run, agree with PyTorch, and write what they promise.
+
+Timings are never asserted (machines are noisy); these tests check that the
+scripts behind BENCHMARKS.md still work end to end on tiny settings: the
+layer benchmark and its table rebuild, the GPU script's own steps (run on CPU
+with ``DEVICE=cpu``), and the training-step benchmark's JAX-vs-PyTorch loss
+check. Each runs in a subprocess, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+# One small shape, one kind and mode, one short round: seconds, not minutes.
+TINY_LAYERS = [
+    "--shapes", "c256_d4", "--kinds", "dw", "--modes", "fwd", "--no-flax", "--no-roofline",
+    "--rounds", "1", "--block-s", "0.01",
+]
+
+
+def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _check_layer_json(path: Path) -> dict:
+    results = json.loads(path.read_text())
+    (row,) = results["rows"]
+    assert (row["shape"]["name"], row["kind"], row["mode"]) == ("c256_d4", "dw", "fwd")
+    # The candidates the tables compare: ours and both PyTorch layouts.
+    assert {"jaxdsc", "torch_nchw", "torch_cl"} <= set(row["timings"])
+    for timing in row["timings"].values():
+        assert timing["median_ms"] > 0 and timing["calls_per_block"] >= 1
+    return results
+
+
+def test_layers_benchmark_runs_and_tables_rebuild(tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "layers.json", tmp_path / "layers.md"
+    _run([sys.executable, str(BENCH / "layers.py"), *TINY_LAYERS,
+          "--json", str(out_json), "--markdown", str(out_md)])
+    _check_layer_json(out_json)
+    table = out_md.read_text()
+    assert "| c256_d4 |" in table and "jaxdsc / best torch" in table
+    # --from-json rebuilds the same tables without timing anything.
+    rebuilt = tmp_path / "rebuilt.md"
+    _run([sys.executable, str(BENCH / "layers.py"), "--from-json", str(out_json),
+          "--markdown", str(rebuilt)])
+    assert rebuilt.read_text() == table
+
+
+def test_gpu_script_steps_run_on_cpu(tmp_path: Path) -> None:
+    prefix = tmp_path / "gpu_dry"
+    proc = _run(["bash", str(BENCH / "gpu.sh"), *TINY_LAYERS],
+                DEVICE="cpu", INSTALL="never", OUT=str(prefix), PYTHON=sys.executable)
+    assert f"wrote {prefix}.json" in proc.stdout
+    results = _check_layer_json(prefix.with_suffix(".json"))
+    assert results["args"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(("var", "value"), [("DEVICE", "tpu"), ("INSTALL", "sometimes")])
+def test_gpu_script_rejects_bad_settings(var: str, value: str) -> None:
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh")], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, var: value}, timeout=60)
+    assert proc.returncode == 2
+    assert var in proc.stderr and value in proc.stderr
+
+
+def test_train_step_benchmark_matches_pytorch(tmp_path: Path) -> None:
+    out_json = tmp_path / "train_step.json"
+    _run([sys.executable, str(BENCH / "train_step.py"), "--width", "8", "--depth", "1",
+          "--batch-size", "16", "--rounds", "1", "--block-s", "0.01", "--check-steps", "2",
+          "--json", str(out_json)])
+    results = json.loads(out_json.read_text())
+    (cfg,) = results["configs"]
+    # The benchmark's own check: same losses and parameters as the PyTorch loop
+    # built from torch_bridge modules, within the tolerances it states.
+    assert results["ok"] and cfg["sanity"]["ok"]
+    assert cfg["sanity"]["max_abs_loss_diff"] <= cfg["sanity"]["loss_tolerance"]
+    assert len(cfg["sanity"]["jax_losses"]) == 2
+    assert cfg["images_per_second"]["jax_train"] > 0
