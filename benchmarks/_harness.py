@@ -73,21 +73,32 @@ def time_interleaved(
     }
 
 
-def stream_reference(nbytes: float) -> Callable[[], None]:
-    """A zero-argument call that streams ``nbytes`` (read + written) at the best rate we measured.
+def stream_reference(nbytes: float, pattern: str = "inplace") -> Callable[[], None]:
+    """A zero-argument call that moves ``nbytes`` (read + written) through memory.
 
-    A jitted in-place ``x * 2`` on a donated float32 buffer of ``nbytes / 2``
-    bytes (the roofline probe's best pattern): timed beside a kernel that reads
-    and writes ``nbytes``, it gives that kernel's bandwidth bound under the same
-    conditions, since this VM's bandwidth drifts between runs (46-115 GB/s).
-    Buffers under the last-level cache stream partly from cache: a tougher bound.
+    ``inplace``: a jitted ``x * 2`` on one donated float32 buffer of ``nbytes / 2``
+    bytes, the roofline probe's fastest pattern. ``copy``: ``x * 2`` from one
+    buffer into another (donated, so no fresh pages), each ``nbytes / 2``: the
+    access pattern of a conv forward (read x, write a separate y); on this VM it
+    streams at about half the in-place rate. Timed beside a kernel that moves
+    ``nbytes``, either gives that kernel's bound under the same conditions (the
+    VM's bandwidth drifts 46-115 GB/s between runs). Buffers under the
+    last-level cache stream partly from cache: a tougher bound.
     """
-    state = {"x": jnp.ones(max(1, int(nbytes // 8)), jnp.float32)}
-    double = jax.jit(lambda x: x * 2.0, donate_argnums=0)
+    if pattern not in ("inplace", "copy"):
+        raise ValueError(f"pattern must be 'inplace' or 'copy', got {pattern!r}")
+    size = max(1, int(nbytes // 8))
+    state = {"y": jnp.ones(size, jnp.float32)}
+    if pattern == "inplace":
+        step = jax.jit(lambda y: y * 2.0, donate_argnums=0)
+        args = ()
+    else:
+        step = jax.jit(lambda y, x: x * 2.0, donate_argnums=0)
+        args = (jnp.ones(size, jnp.float32),)
 
     def call() -> None:
-        state["x"] = double(state["x"])
-        state["x"].block_until_ready()
+        state["y"] = step(state["y"], *args)
+        state["y"].block_until_ready()
 
     return call
 

@@ -88,3 +88,17 @@ def test_train_step_benchmark_matches_pytorch(tmp_path: Path) -> None:
     assert cfg["sanity"]["max_abs_loss_diff"] <= cfg["sanity"]["loss_tolerance"]
     assert len(cfg["sanity"]["jax_losses"]) == 2
     assert cfg["images_per_second"]["jax_train"] > 0
+
+
+def test_stream_reference_patterns() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _harness import stream_reference
+    finally:
+        sys.path.remove(str(BENCH))
+    for pattern in ("inplace", "copy"):
+        call = stream_reference(1 << 16, pattern)
+        call()
+        call()  # the donated buffer is replaced by the result: a second call must work too
+    with pytest.raises(ValueError, match="pattern must be 'inplace' or 'copy', got 'memcpy'"):
+        stream_reference(1 << 16, "memcpy")
