@@ -84,6 +84,18 @@ struct KernelTable {
   // acc (kpad, npad) += x[m0:m1]^T . gy[m0:m1]; bacc (npad) += column sums of gy[m0:m1].
   void (*pw_grad_kernel)(const PwGeom& g, const void* x, const void* gy, float* acc, float* bacc,
                          int64_t m0, int64_t m1, char* scratch);
+  // Train-mode batch norm on x (M, C) float32, rows [r0, r1) (see bn_kernels.inc).
+  // tmp: 2 * C floats of scratch. Per-channel statistics are double.
+  void (*bn_stats)(const float* x, int64_t c, int64_t r0, int64_t r1, double* mean, double* m2,
+                   float* tmp);
+  void (*bn_apply)(const float* x, float* y, int64_t c, int64_t r0, int64_t r1, const float* a,
+                   const float* b, int act, int stream);
+  void (*bn_grad_sums)(const float* x, const float* dy, int64_t c, int64_t r0, int64_t r1,
+                       const float* a, const float* b, const float* mean, int act, double* s1,
+                       double* s2, float* tmp);
+  void (*bn_grad_apply)(const float* x, const float* dy, float* dx, int64_t c, int64_t r0,
+                        int64_t r1, const float* a, const float* b, const float* mean,
+                        const float* ka, const float* kb, const float* kc, int act, int stream);
 };
 
 extern const KernelTable kGenericKernels;

@@ -12,10 +12,12 @@
 #define DWCONV_FENCE() _mm_sfence()
 #include "dwconv_kernels.inc"
 #include "pwconv_kernels.inc"
+#include "bn_kernels.inc"
 
 namespace jaxdsc_dw {
 const KernelTable kAvx2Kernels = {"avx2", avx2::scratch_bytes, avx2::forward, avx2::grad_input,
                                   avx2::grad_kernel, avx2::grad_both,
-    avx2::pw_plan, avx2::pw_scratch_bytes, avx2::pw_forward, avx2::pw_grad_kernel};
+    avx2::pw_plan, avx2::pw_scratch_bytes, avx2::pw_forward, avx2::pw_grad_kernel,
+    avx2::bn::stats, avx2::bn::apply, avx2::bn::grad_sums, avx2::bn::grad_apply};
 }  // namespace jaxdsc_dw
 #endif

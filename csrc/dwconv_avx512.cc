@@ -13,10 +13,12 @@
 #define DWCONV_FENCE() _mm_sfence()
 #include "dwconv_kernels.inc"
 #include "pwconv_kernels.inc"
+#include "bn_kernels.inc"
 
 namespace jaxdsc_dw {
 const KernelTable kAvx512Kernels = {"avx512", avx512::scratch_bytes, avx512::forward,
                                     avx512::grad_input, avx512::grad_kernel, avx512::grad_both,
-    avx512::pw_plan, avx512::pw_scratch_bytes, avx512::pw_forward, avx512::pw_grad_kernel};
+    avx512::pw_plan, avx512::pw_scratch_bytes, avx512::pw_forward, avx512::pw_grad_kernel,
+    avx512::bn::stats, avx512::bn::apply, avx512::bn::grad_sums, avx512::bn::grad_apply};
 }  // namespace jaxdsc_dw
 #endif

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -359,6 +360,7 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
 
 #include "pwconv_ffi.inc"
 #include "sepconv_ffi.inc"
+#include "bn_ffi.inc"
 
 }  // namespace
 }  // namespace jaxdsc_dw
@@ -429,6 +431,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_sep_forward, jaxdsc_dw::SepForward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .JAXDSC_GEOM_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_bn_forward, jaxdsc_dw::BnForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int32_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_bn_backward, jaxdsc_dw::BnBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int32_t>("relu"));
 #pragma GCC visibility pop
 
 // Introspection and override for tests and benchmarks (called through ctypes).

@@ -9,7 +9,7 @@ from jax import lax
 
 from jaxdsc import _checks
 from jaxdsc._types import Dtype
-from jaxdsc.activations import apply_activation, check_activation
+from jaxdsc.activations import check_activation
 from jaxdsc.conv import Conv, DepthwiseConv, IntOrTuple, PointwiseConv
 from jaxdsc.norm import BatchNorm
 from jaxdsc.padding import PaddingLike
@@ -76,8 +76,8 @@ class SeparableBlock(nnx.Module):
         self.momentum, self.epsilon = self.bn_dw.momentum, self.bn_dw.epsilon
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = apply_activation(self.activation, self.bn_dw(self.depthwise(x)))
-        y = apply_activation(self.activation, self.bn_pw(self.pointwise(h)))
+        h = self.bn_dw(self.depthwise(x), activation=self.activation)
+        y = self.bn_pw(self.pointwise(h), activation=self.activation)
         if self.residual:
             if y.shape != x.shape:
                 raise ValueError(
@@ -126,4 +126,4 @@ class ConvBlock(nnx.Module):
         self.momentum, self.epsilon = self.bn.momentum, self.bn.epsilon
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return apply_activation(self.activation, self.bn(self.conv(x)))
+        return self.bn(self.conv(x), activation=self.activation)

@@ -18,7 +18,6 @@ mode *and* keep the same running statistics:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -28,53 +27,10 @@ from flax import nnx
 
 from jaxdsc import _checks
 from jaxdsc._types import Dtype, check_float_input
+from jaxdsc.activations import apply_activation, check_activation
+from jaxdsc.ops.batchnorm import BN_IMPLS, batch_norm_act_train, batch_norm_train
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Train-mode batch norm over all but the last axis of ``x`` ``(N, *spatial, C)``.
-
-    Returns ``(y, mean, var)``: ``y = (x - mean) * rsqrt(var + epsilon) * scale
-    + bias`` with the batch mean and biased variance (two-pass variance: as
-    accurate as torch's Welford for float32 activations). The backward is the
-    closed form: two reductions and one elementwise pass over the activations,
-    where autodiff of the forward takes several more; batch norm was the
-    largest part of the CPU training step (issue 5, BENCHMARKS.md).
-    """
-    return _bn_train_fwd(x, scale, bias, epsilon)[0]
-
-
-def _bn_train_fwd(x, scale, bias, epsilon):
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
-    var = jnp.mean(jnp.square(x - mean), axis=axes)
-    rstd = jax.lax.rsqrt(var + epsilon)
-    y = (x - mean) * (rstd * scale) + bias
-    return (y, mean, var), (x, mean, rstd, scale)
-
-
-def _bn_train_bwd(epsilon, res, cotangents):
-    del epsilon
-    x, mean, rstd, scale = res
-    g, g_mean, g_var = cotangents
-    axes = tuple(range(x.ndim - 1))
-    n = math.prod(x.shape[:-1])
-    xhat = (x - mean) * rstd
-    dbias = jnp.sum(g, axis=axes)
-    dscale = jnp.sum(g * xhat, axis=axes)
-    # dx = a * g + b + c * xhat, per-channel a, b, c: the y term
-    # scale * rstd * (g - mean(g) - xhat * mean(g * xhat)), plus the mean and
-    # var outputs' own terms (zero when they are only running statistics).
-    a = scale * rstd
-    b = (g_mean - a * dbias) / n
-    c = (2 * g_var / rstd - a * dscale) / n
-    dx = a * g + b + c * xhat
-    return dx, dscale, dbias
-
-
-batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+__all__ = ["BatchNorm", "Constant", "Normalize", "batch_norm_train"]
 
 
 class Constant(nnx.Variable):
@@ -93,6 +49,8 @@ class BatchNorm(nnx.Module):
       dtype: compute dtype of the output (statistics are computed in float32, or in
         float64 for float64 inputs).
       param_dtype: dtype of scale, bias and the running statistics.
+      impl: train-mode kernels, ``"auto"``, ``"xla"`` or ``"native"``
+        (:mod:`jaxdsc.ops.batchnorm`; ``"auto"``: native on CPU for float32).
     """
 
     def __init__(
@@ -104,9 +62,13 @@ class BatchNorm(nnx.Module):
         use_running_average: bool = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
+        impl: str = "auto",
         rngs: nnx.Rngs | None = None,
     ):
         del rngs  # deterministic initialisation; accepted for a uniform signature
+        if impl != "auto" and impl not in BN_IMPLS:
+            raise ValueError(f"impl must be 'auto' or one of {BN_IMPLS}, got {impl!r}")
+        self.impl = impl
         self.num_features = _checks.positive_int("num_features", num_features)
         self.momentum = _checks.number("momentum", momentum, low=0.0, high=1.0)
         self.epsilon = _checks.number("epsilon", epsilon, low=0.0, high=math.inf, low_open=True)
@@ -125,9 +87,20 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
-        """Normalise ``x`` of shape ``(N, *spatial, C)``; in train mode also update the statistics."""
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        use_running_average: bool | None = None,
+        activation: str | None = None,
+    ) -> jax.Array:
+        """Normalise ``x`` of shape ``(N, *spatial, C)``; in train mode also update the statistics.
+
+        ``activation`` (a name of :mod:`jaxdsc.activations`) is applied to the
+        result; ``"relu"`` is fused into the native train-mode kernels.
+        """
         check_float_input(x)
+        check_activation("activation", activation)
         if x.ndim < 2 or x.shape[-1] != self.num_features:
             raise ValueError(
                 f"x must have shape (N, ..., {self.num_features}) (channels last), got {x.shape}"
@@ -147,17 +120,22 @@ class BatchNorm(nnx.Module):
                     f"BatchNorm in train mode needs more than 1 value per channel, got input shape {x.shape}"
                 )
             scale, bias = self.scale[...].astype(cdtype), self.bias[...].astype(cdtype)
-            y, mean, var = batch_norm_train(xf, scale, bias, self.epsilon)
+            fuse = activation == "relu"
+            y, mean, var = batch_norm_act_train(
+                xf, scale, bias, self.epsilon, relu=fuse, impl=self.impl
+            )
             m = self.momentum
             unbiased = var * (n / (n - 1))
             update = jax.lax.stop_gradient
             self.mean[...] = update(m * self.mean[...] + (1 - m) * mean).astype(self.param_dtype)
             self.var[...] = update(m * self.var[...] + (1 - m) * unbiased).astype(self.param_dtype)
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-            return y.astype(self.dtype or x.dtype)
+            # Other activations after the cast, as the unfused layers had them.
+            y = y.astype(self.dtype or x.dtype)
+            return y if fuse else apply_activation(activation, y)
         inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(cdtype)
         y = (xf - mean) * inv + self.bias[...].astype(cdtype)
-        return y.astype(self.dtype or x.dtype)
+        return apply_activation(activation, y.astype(self.dtype or x.dtype))
 
 
 class Normalize(nnx.Module):

@@ -46,6 +46,7 @@ _PW_TARGETS = (
     "jaxdsc_pw_grad_kernel",
     "jaxdsc_pw_grad_all",
 )
+_BN_TARGETS = ("jaxdsc_bn_forward", "jaxdsc_bn_backward")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -86,6 +87,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.jaxdsc_has_pointwise = True
     except (AttributeError, RuntimeError, ValueError):
         lib.jaxdsc_has_pointwise = False
+    try:  # batch norm targets (absent from older builds)
+        for name in _BN_TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        lib.jaxdsc_has_bn = True
+    except (AttributeError, RuntimeError, ValueError):
+        lib.jaxdsc_has_bn = False
     return lib, ""
 
 
@@ -338,6 +345,11 @@ def _pw_ops(fused: bool) -> _PwOps:
     return _PwOps(fam.conv, affine)
 
 
+def batch_norm_available() -> bool:
+    """True when the native batch-norm kernels are built, loaded and self-checked."""
+    return available() and bool(getattr(_LIB, "jaxdsc_has_bn", False))
+
+
 def pointwise_available() -> bool:
     """True when the native pointwise GEMM is built, loaded and self-checked."""
     return available() and bool(getattr(_LIB, "jaxdsc_has_pointwise", False))
@@ -417,7 +429,48 @@ def _self_check() -> str:
             RuntimeWarning,
             stacklevel=3,
         )
+    if getattr(_LIB, "jaxdsc_has_bn", False) and not _bn_self_check():
+        _LIB.jaxdsc_has_bn = False
+        warnings.warn(
+            "jaxdsc: native batch-norm kernels disabled: self-check failed",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return ""
+
+
+def _bn_self_check() -> bool:
+    """Both batch-norm targets on a small odd case (C = 19, M = 37) against numpy."""
+    from jaxdsc.ops import batchnorm
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((37, 19)).astype(np.float32)
+    scale, bias = (rng.standard_normal(19).astype(np.float32) for _ in range(2))
+    gy, gm, gv = (rng.standard_normal(s).astype(np.float32) for s in ((37, 19), 19, 19))
+    try:
+        with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+            y, mean, var = (np.asarray(v) for v in batchnorm.native_forward(x, scale, bias, 1e-3, False))
+            dx, dscale, dbias = (
+                np.asarray(v)
+                for v in batchnorm.native_backward(x, gy, scale, bias, mean, var, gm, gv, 1e-3, False)
+            )
+    except Exception:  # any failure here means "do not use native batch norm"
+        return False
+    m, v = x.mean(0), x.var(0)
+    xhat = (x - m) / np.sqrt(v + 1e-3)
+    a = scale / np.sqrt(v + 1e-3)
+    dx_ref = a * (gy - gy.mean(0) - xhat * (gy * xhat).mean(0)) + gm / 37 + gv * 2 * (x - m) / 37
+    return all(
+        got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
+        for got, ref in (
+            (y, xhat * scale + bias),
+            (mean, m),
+            (var, v),
+            (dx, dx_ref),
+            (dscale, (gy * xhat).sum(0)),
+            (dbias, gy.sum(0)),
+        )
+    )
 
 
 def _pw_self_check() -> bool:

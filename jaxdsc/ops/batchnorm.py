@@ -1,0 +1,243 @@
+"""Train-mode batch norm over the last axis, with an optional fused ReLU.
+
+Implementations (the same function; ``tests/test_ops_batchnorm.py`` checks
+values and gradients of both against float64):
+
+* ``"xla"``: :func:`batch_norm_train` (two-pass variance, closed-form VJP)
+  followed by ``jax.nn.relu``: XLA fusions, any backend and float dtype.
+* ``"native"``: the C++ kernels of :mod:`jaxdsc.ops.native` (CPU, float32):
+  statistics in one read of ``x`` (two-pass per cached chunk of rows, chunks
+  merged in double), normalise + ReLU in one more pass; the backward is two
+  passes with the ReLU mask recomputed from ``x``. XLA's fusions of the same
+  function ran at 23-44 GB/s effective and were the largest part of the CPU
+  training step (BENCHMARKS.md). Higher-order derivatives use the ``"xla"``
+  formulas for the derivative terms (values stay native).
+
+``"auto"`` picks ``"native"`` on CPU for float32 inputs of at least
+:data:`NATIVE_MIN_ELEMENTS` values, else ``"xla"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BN_IMPLS = ("xla", "native")
+
+# "auto" uses the native kernels from this many values on: below it the call
+# and thread hand-off cost more than XLA's fusions of a tiny tensor.
+NATIVE_MIN_ELEMENTS = 1 << 15
+
+
+# ------------------------------------------------------------------ xla --
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Train-mode batch norm over all but the last axis of ``x`` ``(N, *spatial, C)``.
+
+    Returns ``(y, mean, var)``: ``y = (x - mean) * rsqrt(var + epsilon) * scale
+    + bias`` with the batch mean and biased variance (two-pass variance: as
+    accurate as torch's Welford for float32 activations). The backward is the
+    closed form: two reductions and one elementwise pass over the activations,
+    where autodiff of the forward takes several more; batch norm was the
+    largest part of the CPU training step (issue 5, BENCHMARKS.md).
+    """
+    return _bn_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _bn_train_fwd(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (rstd * scale) + bias
+    return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _bn_train_bwd(epsilon, res, cotangents):
+    del epsilon
+    x, mean, rstd, scale = res
+    g, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    xhat = (x - mean) * rstd
+    dbias = jnp.sum(g, axis=axes)
+    dscale = jnp.sum(g * xhat, axis=axes)
+    # dx = a * g + b + c * xhat, per-channel a, b, c: the y term
+    # scale * rstd * (g - mean(g) - xhat * mean(g * xhat)), plus the mean and
+    # var outputs' own terms (zero when they are only running statistics).
+    a = scale * rstd
+    b = (g_mean - a * dbias) / n
+    c = (2 * g_var / rstd - a * dscale) / n
+    dx = a * g + b + c * xhat
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+# --------------------------------------------------------------- native --
+
+
+def _coefficients(scale, bias, mean, var, epsilon):
+    rstd = 1.0 / jnp.sqrt(var + epsilon)
+    a = rstd * scale
+    return rstd, a, bias - mean * a
+
+
+def _reference_forward(x2, scale, bias, epsilon, relu):
+    """The native forward's function in jnp (for derivatives of order >= 2)."""
+    mean = jnp.mean(x2, axis=0)
+    var = jnp.mean(jnp.square(x2 - mean), axis=0)
+    _, a, b = _coefficients(scale, bias, mean, var, epsilon)
+    z = x2 * a + b
+    return (jnp.where(z < 0, 0.0, z) if relu else z), mean, var
+
+
+def _reference_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon, relu):
+    """The native backward's function in jnp (for derivatives of order >= 3)."""
+    n = x2.shape[0]
+    rstd, a, b = _coefficients(scale, bias, mean, var, epsilon)
+    dz = jnp.where(x2 * a + b > 0, gy, 0.0) if relu else gy
+    dbias = jnp.sum(dz, axis=0)
+    dscale = jnp.sum(dz * (x2 - mean), axis=0) * rstd
+    kb = (g_mean - a * dbias) / n
+    kc = (2 * g_var / rstd - a * dscale) / n * rstd
+    return a * dz + kb + kc * (x2 - mean), dscale, dbias
+
+
+def _attrs(epsilon: float, relu: bool) -> dict[str, np.generic]:
+    return {"epsilon": np.float32(epsilon), "relu": np.int32(bool(relu))}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def native_forward(x2, scale, bias, epsilon: float, relu: bool):
+    """``(y, mean, var)`` of ``x2`` ``(M, C)`` float32 by the native kernel."""
+    m, c = x2.shape
+    out = (
+        jax.ShapeDtypeStruct((m, c), jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+    )
+    return tuple(
+        jax.ffi.ffi_call("jaxdsc_bn_forward", out, vmap_method="sequential")(
+            x2, scale, bias, **_attrs(epsilon, relu)
+        )
+    )
+
+
+@native_forward.defjvp
+def _native_forward_jvp(epsilon, relu, primals, tangents):
+    _, t = jax.jvp(lambda *a: _reference_forward(*a, epsilon, relu), primals, tangents)
+    return native_forward(*primals, epsilon, relu), t
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9))
+def native_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon: float, relu: bool):
+    """``(dx, dscale, dbias)``: the VJP of :func:`native_forward` for cotangents ``gy, g_mean, g_var``."""
+    m, c = x2.shape
+    out = (
+        jax.ShapeDtypeStruct((m, c), jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+    )
+    return tuple(
+        jax.ffi.ffi_call("jaxdsc_bn_backward", out, vmap_method="sequential")(
+            x2, gy, scale, bias, mean, var, g_mean, g_var, **_attrs(epsilon, relu)
+        )
+    )
+
+
+@native_backward.defjvp
+def _native_backward_jvp(epsilon, relu, primals, tangents):
+    _, t = jax.jvp(lambda *a: _reference_backward(*a, epsilon, relu), primals, tangents)
+    return native_backward(*primals, epsilon, relu), t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _native_bn(x2, scale, bias, epsilon, relu):
+    return native_forward(x2, scale, bias, epsilon, relu)
+
+
+def _native_bn_fwd(x2, scale, bias, epsilon, relu):
+    y, mean, var = native_forward(x2, scale, bias, epsilon, relu)
+    return (y, mean, var), (x2, scale, bias, mean, var)
+
+
+def _native_bn_bwd(epsilon, relu, res, cotangents):
+    x2, scale, bias, mean, var = res
+    gy, g_mean, g_var = cotangents
+    return native_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon, relu)
+
+
+_native_bn.defvjp(_native_bn_fwd, _native_bn_bwd)
+
+
+# ---------------------------------------------------------------- entry --
+
+
+def _native_supports(x: jax.Array, scale: jax.Array, bias: jax.Array) -> bool:
+    from jaxdsc.ops import native
+
+    return (
+        jax.default_backend() == "cpu"
+        and x.ndim >= 1
+        and all(jnp.dtype(a.dtype) == jnp.float32 for a in (x, scale, bias))
+        and x.size >= 1
+        and native.batch_norm_available()
+    )
+
+
+def select_batch_norm_impl(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, impl: str = "auto"
+) -> str:
+    """Name of the implementation ``impl`` resolves to for these operands."""
+    if impl == "xla":
+        return "xla"
+    if impl == "native":
+        if not _native_supports(x, scale, bias):
+            raise ValueError(
+                "impl='native' needs the CPU backend, the native library "
+                "(jaxdsc.ops.native.batch_norm_available()) and float32 x, scale and bias; "
+                f"got x {x.dtype}, scale {scale.dtype}, bias {bias.dtype}"
+            )
+        return "native"
+    if impl != "auto":
+        raise ValueError(f"impl must be 'auto' or one of {BN_IMPLS}, got {impl!r}")
+    if x.size >= NATIVE_MIN_ELEMENTS and _native_supports(x, scale, bias):
+        return "native"
+    return "xla"
+
+
+def batch_norm_act_train(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    *,
+    relu: bool = False,
+    impl: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Train-mode batch norm of ``x`` ``(N, *spatial, C)``, then ReLU if ``relu``.
+
+    Returns ``(y, mean, var)`` with the batch mean and biased variance; see
+    :func:`batch_norm_train` for the normalisation. ``impl``: ``"auto"``,
+    ``"xla"`` or ``"native"`` (module docstring).
+    """
+    if x.ndim < 1 or scale.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise ValueError(
+            "x must be (N, ..., C) with scale and bias of shape (C,), got "
+            f"x {x.shape}, scale {scale.shape}, bias {bias.shape}"
+        )
+    if select_batch_norm_impl(x, scale, bias, impl) == "xla":
+        y, mean, var = batch_norm_train(x, scale, bias, epsilon)
+        return (jax.nn.relu(y) if relu else y), mean, var
+    y, mean, var = _native_bn(x.reshape(-1, x.shape[-1]), scale, bias, float(epsilon), bool(relu))
+    return y.reshape(x.shape), mean, var
