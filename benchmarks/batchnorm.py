@@ -26,7 +26,7 @@ from _harness import time_interleaved
 
 from jaxdsc.ops.batchnorm import batch_norm_act_train
 
-SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 8, 8, 128)]  # NHWC
+SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 8, 8, 128), (128, 32, 32, 40), (128, 16, 16, 80)]  # NHWC (w32; two of w40)
 PASSES = {"fwd": 3, "fwdbwd": 8}
 
 
