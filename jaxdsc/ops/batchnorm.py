@@ -180,6 +180,41 @@ def _native_bn_bwd(epsilon, relu, res, cotangents):
 _native_bn.defvjp(_native_bn_fwd, _native_bn_bwd)
 
 
+def self_check() -> bool:
+    """Both native targets on a small odd case (C = 19, M = 37) against numpy (run at load).
+
+    Called by :func:`jaxdsc.ops.native.available`; False withholds ``"native"``.
+    """
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((37, 19)).astype(np.float32)
+    scale, bias = (rng.standard_normal(19).astype(np.float32) for _ in range(2))
+    gy, gm, gv = (rng.standard_normal(s).astype(np.float32) for s in ((37, 19), 19, 19))
+    try:
+        with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+            y, mean, var = (np.asarray(v) for v in native_forward(x, scale, bias, 1e-3, False))
+            dx, dscale, dbias = (
+                np.asarray(v)
+                for v in native_backward(x, gy, scale, bias, mean, var, gm, gv, 1e-3, False)
+            )
+    except Exception:  # any failure here means "do not use native batch norm"
+        return False
+    m, v = x.mean(0), x.var(0)
+    xhat = (x - m) / np.sqrt(v + 1e-3)
+    a = scale / np.sqrt(v + 1e-3)
+    dx_ref = a * (gy - gy.mean(0) - xhat * (gy * xhat).mean(0)) + gm / 37 + gv * 2 * (x - m) / 37
+    return all(
+        got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
+        for got, ref in (
+            (y, xhat * scale + bias),
+            (mean, m),
+            (var, v),
+            (dx, dx_ref),
+            (dscale, (gy * xhat).sum(0)),
+            (dbias, gy.sum(0)),
+        )
+    )
+
+
 # ---------------------------------------------------------------- entry --
 
 
