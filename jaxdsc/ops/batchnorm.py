@@ -113,6 +113,13 @@ def _reference_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon, 
     return a * dz + kb + kc * (x2 - mean), dscale, dbias
 
 
+def _out_shapes(x2: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Both targets return an (M, C) array and two (C,) vectors, float32."""
+    m, c = x2.shape
+    vec = jax.ShapeDtypeStruct((c,), jnp.float32)
+    return jax.ShapeDtypeStruct((m, c), jnp.float32), vec, vec
+
+
 def _attrs(epsilon: float, relu: bool) -> dict[str, np.generic]:
     return {"epsilon": np.float32(epsilon), "relu": np.int32(bool(relu))}
 
@@ -120,14 +127,8 @@ def _attrs(epsilon: float, relu: bool) -> dict[str, np.generic]:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def native_forward(x2, scale, bias, epsilon: float, relu: bool):
     """``(y, mean, var)`` of ``x2`` ``(M, C)`` float32 by the native kernel."""
-    m, c = x2.shape
-    out = (
-        jax.ShapeDtypeStruct((m, c), jnp.float32),
-        jax.ShapeDtypeStruct((c,), jnp.float32),
-        jax.ShapeDtypeStruct((c,), jnp.float32),
-    )
     return tuple(
-        jax.ffi.ffi_call("jaxdsc_bn_forward", out, vmap_method="sequential")(
+        jax.ffi.ffi_call("jaxdsc_bn_forward", _out_shapes(x2), vmap_method="sequential")(
             x2, scale, bias, **_attrs(epsilon, relu)
         )
     )
@@ -142,14 +143,8 @@ def _native_forward_jvp(epsilon, relu, primals, tangents):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9))
 def native_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon: float, relu: bool):
     """``(dx, dscale, dbias)``: the VJP of :func:`native_forward` for cotangents ``gy, g_mean, g_var``."""
-    m, c = x2.shape
-    out = (
-        jax.ShapeDtypeStruct((m, c), jnp.float32),
-        jax.ShapeDtypeStruct((c,), jnp.float32),
-        jax.ShapeDtypeStruct((c,), jnp.float32),
-    )
     return tuple(
-        jax.ffi.ffi_call("jaxdsc_bn_backward", out, vmap_method="sequential")(
+        jax.ffi.ffi_call("jaxdsc_bn_backward", _out_shapes(x2), vmap_method="sequential")(
             x2, gy, scale, bias, mean, var, g_mean, g_var, **_attrs(epsilon, relu)
         )
     )
