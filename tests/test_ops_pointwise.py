@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from conftest import ISAS, native_isa
 
-from jaxdsc.ops import native, pointwise_conv
+from jaxdsc.ops import native, native_pointwise, pointwise_conv
 from jaxdsc.ops.pointwise import NATIVE_MIN_ROWS, PW_IMPLS, select_pointwise_impl
 
 IMPLS = [i for i in PW_IMPLS if i != "native" or native.pointwise_available()]
@@ -240,7 +240,7 @@ def test_falls_back_without_native_library():
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_backward", "split_backward"])
 def test_native_backward_variants(fused, monkeypatch):
     """Both native backward formulations (one pass over g, or dx and dw kernels)."""
-    monkeypatch.setattr(native, "PW_FUSED_BACKWARD", fused)
+    monkeypatch.setattr(native_pointwise, "PW_FUSED_BACKWARD", fused)
     for case in (CASES[0], CASES[5], CASES[8]):
         _check("native", *case)
         _check("native", *case, bias=False)

@@ -7,7 +7,10 @@ here with ``ctypes`` and registered as XLA FFI targets for the CPU platform.
 They vectorise over channels (AVX-512, AVX2 or baseline SIMD, picked at run
 time), run on XLA's intra-op thread pool, and stream each input row through
 cache once; at stride 1 the backward pass is one fused kernel (dx and dw).
-Gradients of any order come from :mod:`jaxdsc.ops._vjp`.
+Gradients of any order come from :mod:`jaxdsc.ops._vjp`. The same library
+holds the pointwise GEMM and the train-mode BatchNorm kernels; this module loads
+and self-checks it, their Python sides are :mod:`jaxdsc.ops.native_pointwise`
+and :mod:`jaxdsc.ops.batchnorm`.
 
 When the library is missing (build failed, or a source checkout without
 ``python setup.py build_ext --inplace``), fails to load, or fails its first
@@ -23,9 +26,7 @@ import functools
 import importlib.machinery
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ _PW_TARGETS = (
     "jaxdsc_pw_grad_all",
 )
 _BN_TARGETS = ("jaxdsc_bn_forward", "jaxdsc_bn_backward")
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # also in native_pointwise
 
 
 def _library_path() -> Path | None:
@@ -244,107 +245,6 @@ def native_conv(x: jax.Array, kernel: jax.Array, call: DepthwiseCall, precision=
 # fixed order (deterministic) and also yields the bias gradient.
 
 
-def _pw_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-    return jax.ffi.ffi_call("jaxdsc_pw_forward", out, vmap_method="sequential")(x, w, b)
-
-
-def _pw_grad_input(g: jax.Array, w: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((g.shape[0], w.shape[0]), g.dtype)
-    return jax.ffi.ffi_call("jaxdsc_pw_grad_input", out, vmap_method="sequential")(g, w)
-
-
-def _pw_grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    out = (
-        jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype),
-        jax.ShapeDtypeStruct((g.shape[1],), x.dtype),
-    )
-    dw, db = jax.ffi.ffi_call("jaxdsc_pw_grad_kernel", out, vmap_method="sequential")(x, g)
-    return dw, db
-
-
-def _pw_grad_all(
-    x: jax.Array, g: jax.Array, w: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dx, dw, db) in one pass over g: each chunk of g rows feeds dx, then dw, from cache."""
-    out = (
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        jax.ShapeDtypeStruct(w.shape, x.dtype),
-        jax.ShapeDtypeStruct((w.shape[1],), x.dtype),
-    )
-    return jax.ffi.ffi_call("jaxdsc_pw_grad_all", out, vmap_method="sequential")(x, g, w)
-
-
-def _pw_forward_nobias(x: jax.Array, w: jax.Array) -> jax.Array:
-    return _pw_forward(x, w, jnp.zeros((w.shape[1],), x.dtype))
-
-
-class _PwOps(NamedTuple):
-    conv: Callable  # (x2, w) -> y2
-    affine: Callable  # (x2, w, b) -> y2 + b
-
-
-# Backward pass as one kernel (dx, dw, db from a single pass over g), or as
-# separate dx and (dw, db) kernels; a module switch for benchmarks.
-PW_FUSED_BACKWARD = True
-
-
-@functools.lru_cache(maxsize=2)
-def _pw_ops(fused: bool) -> _PwOps:
-    """Differentiable (any order) native pointwise ops on 2-D views."""
-    fam = make_family(
-        _pw_forward_nobias,
-        _pw_grad_input,
-        lambda x, g: _pw_grad_kernel_bias(x, g)[0],
-        (lambda x, g, w: _pw_grad_all(x, g, w)[:2]) if fused else None,
-    )
-
-    @jax.custom_vjp
-    def affine(x, w, b):
-        return _pw_forward(x, w, b)
-
-    @jax.custom_vjp
-    def grad_kernel_bias(x, g):
-        return _pw_grad_kernel_bias(x, g)
-
-    @jax.custom_vjp
-    def grad_all(x, g, w):
-        return _pw_grad_all(x, g, w)
-
-    def affine_fwd(x, w, b):
-        return affine(x, w, b), (x, w)
-
-    def affine_bwd(res, g):
-        x, w = res
-        if fused:
-            return grad_all(x, g, w)
-        dw, db = grad_kernel_bias(x, g)
-        return fam.grad_input(g, w), dw, db
-
-    def grad_kernel_bias_fwd(x, g):
-        return grad_kernel_bias(x, g), (x, g)
-
-    def grad_kernel_bias_bwd(res, cts):
-        # (dw, db) = (x^T g, colsum g) against cotangents (v, u).
-        x, g = res
-        v, u = cts
-        return fam.grad_input(g, v), affine(x, v, u)
-
-    def grad_all_fwd(x, g, w):
-        return grad_all(x, g, w), (x, g, w)
-
-    def grad_all_bwd(res, cts):
-        # (dx, dw, db) = (g w^T, x^T g, colsum g) against cotangents (u, v, t).
-        x, g, w = res
-        u, v, t = cts
-        return fam.grad_input(g, v), fam.conv(u, w) + affine(x, v, t), fam.grad_kernel(u, g)
-
-    affine.defvjp(affine_fwd, affine_bwd)
-    grad_kernel_bias.defvjp(grad_kernel_bias_fwd, grad_kernel_bias_bwd)
-    grad_all.defvjp(grad_all_fwd, grad_all_bwd)
-    return _PwOps(fam.conv, affine)
-
-
 def batch_norm_available() -> bool:
     """True when the native batch-norm kernels are built, loaded and self-checked."""
     return available() and bool(getattr(_LIB, "jaxdsc_has_bn", False))
@@ -353,28 +253,6 @@ def batch_norm_available() -> bool:
 def pointwise_available() -> bool:
     """True when the native pointwise GEMM is built, loaded and self-checked."""
     return available() and bool(getattr(_LIB, "jaxdsc_has_pointwise", False))
-
-
-def pointwise_supports(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> bool:
-    """float32 or bfloat16 operands of one dtype, non-empty channel dims, library available."""
-    dtype = jnp.dtype(x.dtype)
-    return (
-        dtype in _DTYPES
-        and jnp.dtype(kernel.dtype) == dtype
-        and (bias is None or jnp.dtype(bias.dtype) == dtype)
-        and x.ndim >= 1
-        and kernel.ndim == 2
-        and min(kernel.shape) >= 1
-        and pointwise_available()
-    )
-
-
-def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """``impl="native"`` pointwise conv: ``x (..., K) . kernel (K, N) + bias (N,)``."""
-    ops = _pw_ops(PW_FUSED_BACKWARD)
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = ops.conv(x2, kernel) if bias is None else ops.affine(x2, kernel, bias)
-    return y2.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _self_check() -> str:
@@ -421,7 +299,9 @@ def _self_check() -> str:
     ):
         if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-4, atol=1e-4):
             return f"self-check: {name} disagrees with the numpy reference"
-    if getattr(_LIB, "jaxdsc_has_pointwise", False) and not _pw_self_check():
+    from jaxdsc.ops import batchnorm, native_pointwise
+
+    if getattr(_LIB, "jaxdsc_has_pointwise", False) and not native_pointwise.self_check():
         # Keep the depthwise kernels; only the pointwise GEMM is withheld.
         _LIB.jaxdsc_has_pointwise = False
         warnings.warn(
@@ -429,8 +309,6 @@ def _self_check() -> str:
             RuntimeWarning,
             stacklevel=3,
         )
-    from jaxdsc.ops import batchnorm
-
     if getattr(_LIB, "jaxdsc_has_bn", False) and not batchnorm.self_check():
         _LIB.jaxdsc_has_bn = False
         warnings.warn(
@@ -439,35 +317,6 @@ def _self_check() -> str:
             stacklevel=3,
         )
     return ""
-
-
-def _pw_self_check() -> bool:
-    """The three pointwise targets on a small odd case against numpy."""
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((23, 7)).astype(np.float32)
-    w = rng.standard_normal((7, 19)).astype(np.float32)
-    b = rng.standard_normal((19,)).astype(np.float32)
-    g = rng.standard_normal((23, 19)).astype(np.float32)
-    try:
-        with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-            y = np.asarray(jax.jit(_pw_forward)(x, w, b))
-            dx = np.asarray(jax.jit(_pw_grad_input)(g, w))
-            dw, db = (np.asarray(v) for v in jax.jit(_pw_grad_kernel_bias)(x, g))
-            dx2, dw2, db2 = (np.asarray(v) for v in jax.jit(_pw_grad_all)(x, g, w))
-    except Exception:  # any failure here means "do not use native pointwise"
-        return False
-    return all(
-        got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
-        for got, ref in (
-            (y, x @ w + b),
-            (dx, g @ w.T),
-            (dw, x.T @ g),
-            (db, g.sum(0)),
-            (dx2, g @ w.T),
-            (dw2, x.T @ g),
-            (db2, g.sum(0)),
-        )
-    )
 
 
 @functools.lru_cache(maxsize=1)

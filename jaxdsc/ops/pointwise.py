@@ -43,9 +43,9 @@ def _xla(x, kernel, bias, precision):
 
 
 def _native_supports(x, kernel, bias) -> bool:
-    from jaxdsc.ops import native
+    from jaxdsc.ops import native_pointwise
 
-    return jax.default_backend() == "cpu" and native.pointwise_supports(x, kernel, bias)
+    return jax.default_backend() == "cpu" and native_pointwise.pointwise_supports(x, kernel, bias)
 
 
 def select_pointwise_impl(
@@ -101,7 +101,7 @@ def pointwise_conv(
     if bias is not None and bias.shape != (kernel.shape[1],):
         raise ValueError(f"bias must have shape ({kernel.shape[1]},), got {bias.shape}")
     if select_pointwise_impl(x, kernel, bias, impl) == "native":
-        from jaxdsc.ops import native
+        from jaxdsc.ops import native_pointwise
 
-        return native.pointwise_conv(x, kernel, bias)
+        return native_pointwise.pointwise_conv(x, kernel, bias)
     return _xla(x, kernel, bias, precision)
