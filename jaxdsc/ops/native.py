@@ -301,21 +301,18 @@ def _self_check() -> str:
             return f"self-check: {name} disagrees with the numpy reference"
     from jaxdsc.ops import batchnorm, native_pointwise
 
-    if getattr(_LIB, "jaxdsc_has_pointwise", False) and not native_pointwise.self_check():
-        # Keep the depthwise kernels; only the pointwise GEMM is withheld.
-        _LIB.jaxdsc_has_pointwise = False
-        warnings.warn(
-            "jaxdsc: native pointwise kernels disabled: self-check failed",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    if getattr(_LIB, "jaxdsc_has_bn", False) and not batchnorm.self_check():
-        _LIB.jaxdsc_has_bn = False
-        warnings.warn(
-            "jaxdsc: native batch-norm kernels disabled: self-check failed",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    # Keep the depthwise kernels; only a family that fails its own check is withheld.
+    for flag, what, check in (
+        ("jaxdsc_has_pointwise", "pointwise", native_pointwise.self_check),
+        ("jaxdsc_has_bn", "batch-norm", batchnorm.self_check),
+    ):
+        if getattr(_LIB, flag, False) and not check():
+            setattr(_LIB, flag, False)
+            warnings.warn(
+                f"jaxdsc: native {what} kernels disabled: self-check failed",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return ""
 
 
