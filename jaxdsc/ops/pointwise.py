@@ -7,7 +7,7 @@ checks values and gradients of each against a float64 reference):
   XLA:CPU it is 1.4-2.6x faster than a 1x1 ``lax.conv`` (shared/perf-probe
   REPORT.md section 4); on GPU/TPU it is the vendor GEMM. The ``"auto"``
   choice everywhere except where ``"native"`` is.
-* ``"native"``: the C++ GEMM of :mod:`jaxdsc.ops.native` (CPU, float32 or
+* ``"native"``: the C++ GEMM of :mod:`jaxdsc.ops.native_pointwise` (CPU, float32 or
   bfloat16 with float32 accumulation; bias fused into the forward, the bias
   gradient into the weight gradient). ``"auto"`` picks it on CPU for inputs
   with at least :data:`NATIVE_MIN_ROWS` rows, where it measured faster than
