@@ -121,12 +121,7 @@ def roofline_probe(device: str = "cpu", rounds: int = 5) -> dict[str, float]:
         dst.copy_(src)
         sync()
 
-    state = {"x": jnp.ones(n, jnp.float32)}
-    double = jax.jit(lambda x: x * 2.0, donate_argnums=0)
-
-    def jax_inplace():
-        state["x"] = double(state["x"])
-        state["x"].block_until_ready()
+    jax_inplace = stream_reference(2 * n * 4, "inplace")
 
     m = 4096
     a_j = jnp.ones((m, m), jnp.float32)

@@ -27,22 +27,25 @@ PY="${PYTHON:-python3}"
 case "${DEVICE}" in cuda | cpu) ;; *) echo "DEVICE must be cuda or cpu, got '${DEVICE}'" >&2; exit 2 ;; esac
 case "${INSTALL}" in auto | always | never) ;; *) echo "INSTALL must be auto, always or never, got '${INSTALL}'" >&2; exit 2 ;; esac
 
-# Exit status 0 when JAX and PyTorch both see the wanted device.
-stack_ok() {
-  "${PY}" - "${DEVICE}" <<'PY' 2>/dev/null
+# Prints the versions and exits 0 when JAX and PyTorch both see the wanted device.
+check_stack() {
+  "${PY}" - "${DEVICE}" <<'PY'
 import sys
 import jax, torch
 want = sys.argv[1]
-ok = jax.default_backend() == ("gpu" if want == "cuda" else "cpu")
-ok = ok and (torch.cuda.is_available() if want == "cuda" else True)
-sys.exit(0 if ok else 1)
+if want == "cuda" and jax.default_backend() != "gpu":
+    sys.exit(f"JAX sees no GPU: {jax.devices()}")
+if want == "cuda" and not torch.cuda.is_available():
+    sys.exit("PyTorch sees no GPU")
+name = torch.cuda.get_device_name() if want == "cuda" else "cpu"
+print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, name)
 PY
 }
 
 [[ "${DEVICE}" == cuda ]] && nvidia-smi
 need_stack=false
 [[ "${INSTALL}" == always ]] && need_stack=true
-if [[ "${INSTALL}" == auto && "${DEVICE}" == cuda ]] && ! stack_ok; then need_stack=true; fi
+if [[ "${INSTALL}" == auto && "${DEVICE}" == cuda ]] && ! check_stack >/dev/null 2>&1; then need_stack=true; fi
 if [[ "${need_stack}" == true ]]; then
   # CUDA builds first, so the project's own requirements do not pull CPU wheels.
   "${PY}" -m pip install "jax[${JAX_EXTRA}]"
@@ -55,18 +58,7 @@ if [[ "${INSTALL}" != never ]]; then
     { echo "installing jaxdsc failed" >&2; exit 1; }
 fi
 
-"${PY}" - "${DEVICE}" <<'PY'
-import sys
-import jax, torch
-want = sys.argv[1]
-if want == "cuda":
-    assert jax.default_backend() == "gpu", f"JAX sees no GPU: {jax.devices()}"
-    assert torch.cuda.is_available(), "PyTorch sees no GPU"
-    name = torch.cuda.get_device_name()
-else:
-    name = "cpu"
-print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, name)
-PY
+check_stack
 
 mkdir -p "$(dirname "${OUT}")"
 # No preallocation: JAX and PyTorch share the GPU in one process.

@@ -349,9 +349,9 @@ def summary(results: dict) -> str:
         if r is not None and bw == bw:
             bound = f"{r['timings']['jaxdsc']['median_ms'] * 1e-3 / (r['bytes'] / (bw * 1e9)):.2f}x"
         same = {STREAM: "-", COPY: "-"}
+        t = {k: v["median_ms"] for k, v in r["timings"].items()} if r is not None else {}
         for ref in same:
-            if r is not None and ref in r["timings"]:
-                t = {k: v["median_ms"] for k, v in r["timings"].items()}
+            if ref in t:
                 same[ref] = f"{t['jaxdsc'] / t[ref]:.2f}x ({r['bytes'] / (t[ref] * 1e6):.0f} GB/s)"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {bound} | {same[STREAM]} | {same[COPY]} |")
     return "\n".join(lines) + "\n"

@@ -95,7 +95,7 @@ struct KernelTable {
                        double* s2, float* tmp);
   void (*bn_grad_apply)(const float* x, const float* dy, float* dx, int64_t c, int64_t r0,
                         int64_t r1, const float* a, const float* b, const float* mean,
-                        const float* ka, const float* kb, const float* kc, int act, int stream);
+                        const float* kb, const float* kc, int act, int stream);
 };
 
 extern const KernelTable kGenericKernels;

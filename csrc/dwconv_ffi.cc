@@ -128,6 +128,8 @@ bool ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t scratch_bytes,
 
 // ------------------------------------------------------------- validation --
 
+ffi::Error Oom() { return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory"); }
+
 ffi::Error Invalid(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jaxdsc depthwise: " + msg);
 }
@@ -211,7 +213,7 @@ ffi::Error RunRows(ffi::ThreadPool& pool, const Geom& g, int64_t rows,
   const bool ok = ParallelFor(pool, tasks, k->scratch_bytes(g), [&](int64_t t, char* scratch) {
     rows_fn(rows * t / tasks, rows * (t + 1) / tasks, scratch);
   });
-  return ok ? ffi::Error::Success() : ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
+  return ok ? ffi::Error::Success() : Oom();
 }
 
 // Sums the per-task float32 partial weight gradients in task order (so the
@@ -310,7 +312,7 @@ ffi::Error GradKernel(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy,
       k->grad_kernel(g, xp, gp, partial.data() + t * kn, rows * t / tasks, rows * (t + 1) / tasks,
                      s);
     });
-    if (!ok) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
+    if (!ok) return Oom();
   }
   StorePartials(partial, tasks, kn, g.bf16, dw->untyped_data());
   return ffi::Error::Success();
@@ -352,7 +354,7 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
       k->grad_both(g, xp, gp, w32.data(), dxp, partial.data() + t * kn, rows * t / tasks,
                    rows * (t + 1) / tasks, s);
     });
-    if (!ok) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
+    if (!ok) return Oom();
   }
   StorePartials(partial, tasks, kn, g.bf16, dw->untyped_data());
   return ffi::Error::Success();

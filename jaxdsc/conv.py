@@ -286,8 +286,9 @@ class SeparableConv(nnx.Module):
             return self._plain(x)
         h = self.depthwise(x)
         if self.norm is not None:
-            h = self.norm(h)
-        h = apply_activation(self.mid_activation, h)
+            h = self.norm(h, activation=self.mid_activation)  # a ReLU fuses into train mode
+        else:
+            h = apply_activation(self.mid_activation, h)
         y = self.pointwise(h)
         if self.project is not None:
             y = self.project(jnp.concatenate([h, y.astype(h.dtype)], axis=-1))

@@ -86,31 +86,17 @@ batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 # --------------------------------------------------------------- native --
 
 
-def _coefficients(scale, bias, mean, var, epsilon):
-    rstd = 1.0 / jnp.sqrt(var + epsilon)
-    a = rstd * scale
-    return rstd, a, bias - mean * a
-
-
 def _reference_forward(x2, scale, bias, epsilon, relu):
     """The native forward's function in jnp (for derivatives of order >= 2)."""
-    mean = jnp.mean(x2, axis=0)
-    var = jnp.mean(jnp.square(x2 - mean), axis=0)
-    _, a, b = _coefficients(scale, bias, mean, var, epsilon)
-    z = x2 * a + b
-    return (jnp.where(z < 0, 0.0, z) if relu else z), mean, var
+    (y, mean, var), _ = _bn_train_fwd(x2, scale, bias, epsilon)
+    return (jax.nn.relu(y) if relu else y), mean, var
 
 
 def _reference_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon, relu):
     """The native backward's function in jnp (for derivatives of order >= 3)."""
-    n = x2.shape[0]
-    rstd, a, b = _coefficients(scale, bias, mean, var, epsilon)
-    dz = jnp.where(x2 * a + b > 0, gy, 0.0) if relu else gy
-    dbias = jnp.sum(dz, axis=0)
-    dscale = jnp.sum(dz * (x2 - mean), axis=0) * rstd
-    kb = (g_mean - a * dbias) / n
-    kc = (2 * g_var / rstd - a * dscale) / n * rstd
-    return a * dz + kb + kc * (x2 - mean), dscale, dbias
+    rstd = jax.lax.rsqrt(var + epsilon)
+    dz = jnp.where((x2 - mean) * (rstd * scale) + bias > 0, gy, 0.0) if relu else gy
+    return _bn_train_bwd(epsilon, (x2, mean, rstd, scale), (dz, g_mean, g_var))
 
 
 def _out_shapes(x2: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:

@@ -48,7 +48,7 @@ _PW_TARGETS = (
     "jaxdsc_pw_grad_all",
 )
 _BN_TARGETS = ("jaxdsc_bn_forward", "jaxdsc_bn_backward")
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # also in native_pointwise
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the kernels' dtypes
 
 
 def _library_path() -> Path | None:

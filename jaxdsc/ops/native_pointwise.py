@@ -17,8 +17,7 @@ import numpy as np
 
 from jaxdsc.ops import native
 from jaxdsc.ops._vjp import make_family
-
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+from jaxdsc.ops.native import _DTYPES
 
 
 def _pw_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
