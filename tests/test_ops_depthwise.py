@@ -96,6 +96,10 @@ GRID = [
     (2, (12, 12), 64, 1, (3, 3), (2, 2), (1, 1), ((0, 1), (0, 1))),  # stride-2 "SAME"
     (2, (12, 14), 48, 1, (5, 5), (1, 1), (2, 2), ((4, 4), (4, 4))),  # k5: input-sharing blocks
     (2, (9, 11), 20, 1, (3, 7), (1, 1), (1, 1), ((1, 2), (3, 3))),  # k7 wide, channel tail
+    # k3 d4 on 16-wide rows: border runs of 4 pixels sharing their valid taps,
+    # 4-vector blocks plus a channel tail (72 = 4 * 16 + 8).
+    (2, (10, 16), 72, 1, (3, 3), (1, 1), (4, 4), ((4, 4), (3, 5))),
+    (1, (4, 3), 40, 1, (3, 3), (1, 1), (4, 4), ((5, 5), (5, 5))),  # outputs with no valid tap
 ]
 
 
@@ -288,7 +292,7 @@ def test_dtype_mismatch_is_a_type_error():
 def test_native_every_instruction_set(isa):
     with native_isa(isa):
         assert native.isa() == isa
-        for case in (GRID[2], GRID[3], GRID[9], GRID[10]):
+        for case in (GRID[2], GRID[3], GRID[9], GRID[10], GRID[12]):
             _check("native", *case)
         _check("native", *GRID[1], dtype=jnp.bfloat16, tol=1e-2)
 
