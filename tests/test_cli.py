@@ -118,6 +118,26 @@ def test_other_plain_inputs(capsys, tmp_path, twin, suffix):
     assert_same_state(torch_bridge.read(out_path).tensors, torch_state(twin))
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapped_model_state_dict(capsys, tmp_path, twin, prefix):
+    """State dicts of DistributedDataParallel / torch.compile models convert as the bare model's."""
+    path = tmp_path / "ddp.pt"
+    torch.save({prefix + k: v for k, v in twin.state_dict().items()}, path)
+    out_path = tmp_path / "out.safetensors"
+    code, out, err = run(capsys, path, "--class", "DSCNet", "--config", json.dumps(CONFIG), "-o", out_path)
+    assert code == 0, err
+    assert f"(plain state dict (stripped the wrapper prefix {prefix!r}))" in out
+    assert_same_state(torch_bridge.read(out_path).tensors, torch_state(twin))
+
+
+def test_strip_wrapper_prefixes_only_when_every_key_has_it():
+    state = {"module.a": 1, "module.b.c": 2}
+    assert torch_bridge.strip_wrapper_prefixes(state) == ({"a": 1, "b.c": 2}, "module.")
+    mixed = {"module.a": 1, "b": 2}
+    assert torch_bridge.strip_wrapper_prefixes(mixed) == (mixed, "")
+    assert torch_bridge.strip_wrapper_prefixes({}) == ({}, "")
+
+
 # ---------------------------------------------------------------- (b) jaxdsc checkpoint -> plain / copy
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
 def test_checkpoint_to_plain_pytorch(capsys, tmp_path, ours, twin, suffix):

@@ -8,7 +8,14 @@
 """
 
 from torch_bridge import nn
-from torch_bridge.checkpoint import Checkpoint, load, read, read_state_dict, save
+from torch_bridge.checkpoint import (
+    Checkpoint,
+    load,
+    read,
+    read_state_dict,
+    save,
+    strip_wrapper_prefixes,
+)
 from torch_bridge.convert import from_torch, to_torch, torch_state_dict
 from torch_bridge.errors import CheckpointError
 
@@ -21,6 +28,7 @@ __all__ = [
     "read",
     "read_state_dict",
     "save",
+    "strip_wrapper_prefixes",
     "to_torch",
     "torch_state_dict",
 ]

@@ -247,6 +247,29 @@ def load(path: str | os.PathLike[str], framework: str = "jax", **options: Any) -
     return module
 
 
+# Prefixes that PyTorch wrappers put before every key of the model they wrap:
+# DataParallel / DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """``state`` without the wrapper prefixes that every key carries, and what was removed.
+
+    A state dict saved from ``DistributedDataParallel(model)`` or
+    ``torch.compile(model)`` names ``conv.weight`` as ``module.conv.weight`` or
+    ``_orig_mod.conv.weight``. A prefix is removed only when every key has it
+    (repeatedly, e.g. ``module._orig_mod.``); otherwise ``state`` is unchanged.
+    """
+    out, removed = dict(state), ""
+    while out:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in out)), None)
+        if prefix is None:
+            break
+        out = {k[len(prefix):]: v for k, v in out.items()}
+        removed += prefix
+    return out, removed
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """A plain PyTorch state dict from ``.safetensors`` or (safely) ``.pt``/``.pth``/``.bin``/``.ckpt``.
 

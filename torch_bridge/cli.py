@@ -42,13 +42,14 @@ from torch_bridge.checkpoint import (
     read_safetensors,
     read_state_dict,
     save,
+    strip_wrapper_prefixes,
 )
 from torch_bridge.convert import (
-    _float_dtype,
     abstract_jax,
     abstract_torch,
     build_torch,
     expected_torch_entries,
+    float_dtype,
     module_config,
     torch_state_dict,
     validate_state,
@@ -116,7 +117,9 @@ def _plain_state_dict(path: Path, args: argparse.Namespace) -> Loaded | None:
             f"pass {missing} (e.g. --class DSCNet --config '{{\"width\": 32, \"depth\": 2}}')"
         )
     tensors = read_state_dict(path)  # .pt & co. only via torch.load(weights_only=True)
-    return Loaded(args.class_name, _parse_config(args.config, args.class_name), tensors, "plain state dict")
+    tensors, stripped = strip_wrapper_prefixes(tensors)
+    kind = "plain state dict" + (f" (stripped the wrapper prefix {stripped!r})" if stripped else "")
+    return Loaded(args.class_name, _parse_config(args.config, args.class_name), tensors, kind)
 
 
 def _trainer_checkpoint(path: Path, args: argparse.Namespace) -> Loaded | None:
@@ -201,7 +204,7 @@ def validate(loaded: Loaded, source: str) -> Any:
     except CheckpointError as e:  # e.g. a config the constructor refuses: still name the file
         raise CheckpointError(str(e) if source in str(e) else f"{source}: {e}") from None
     _, config = module_config(twin)  # complete: omitted arguments filled with their defaults
-    dtype = _float_dtype([a.dtype for a in loaded.tensors.values()])
+    dtype = float_dtype([a.dtype for a in loaded.tensors.values()])
     jax_module = abstract_jax(loaded.name, config, param_dtype=dtype)  # shapes only
     validate_state({k: (a.shape, a.dtype) for k, a in loaded.tensors.items()},
                    expected_torch_entries(jax_module), source=source)

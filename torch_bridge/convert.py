@@ -142,7 +142,8 @@ def module_config(module: Any) -> tuple[str, dict[str, Any]]:
     return spec.name, spec.torch_config(module)
 
 
-def _float_dtype(dtypes: list[np.dtype]) -> np.dtype | None:
+def float_dtype(dtypes: list[np.dtype]) -> np.dtype | None:
+    """The one floating dtype among ``dtypes`` (None if there is none); mixed floats are an error."""
     floats = {d for d in dtypes if np.issubdtype(d, np.floating) or d == _BF16}
     if len(floats) > 1:
         raise CheckpointError(f"tensors mix floating dtypes {sorted(d.name for d in floats)}; expected one")
@@ -171,7 +172,7 @@ def abstract_jax(name: str, torch_config: Mapping[str, Any], *, param_dtype: Any
 def build_jax(name: str, torch_config: Mapping[str, Any], state: Mapping[str, np.ndarray], *,
               source: str = "state dict", **options: Any) -> nnx.Module:
     """A JAX module of class ``name`` holding the PyTorch-layout ``state``."""
-    dtype = _float_dtype([np.asarray(v).dtype for v in state.values()])
+    dtype = float_dtype([np.asarray(v).dtype for v in state.values()])
     module = abstract_jax(name, torch_config, param_dtype=dtype, **options)
     load_torch_state_dict(module, state, source=source)
     return module
@@ -191,7 +192,7 @@ def build_torch(name: str, torch_config: Mapping[str, Any], state: Mapping[str, 
                 source: str = "state dict") -> torch.nn.Module:
     """A torch twin of class ``name`` holding ``state`` (NumPy arrays), validated first."""
     module = abstract_torch(name, torch_config)
-    dtype = _float_dtype([np.asarray(v).dtype for v in state.values()])
+    dtype = float_dtype([np.asarray(v).dtype for v in state.values()])
     if dtype is not None and dtype != np.float32:
         module = module.to(numpy_to_tensor(np.zeros((), dtype)).dtype)
     expected = {k: (tuple(t.shape), tensor_to_numpy_dtype(t.dtype)) for k, t in module.state_dict().items()}
