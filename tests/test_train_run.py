@@ -185,6 +185,25 @@ def test_nan_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypat
     assert int(arrays["skipped"]) == 1 and int(arrays["step"]) == 6
 
 
+def test_sigterm_during_a_bad_streak_keeps_counting_it(data_dir, tmp_path, monkeypatch, capsys):
+    """A preemption in the middle of a run of non-finite steps does not reset the count."""
+    workdir = tmp_path / "nan_sigterm"
+    args = [*base_args(data_dir, workdir), "--checkpoint-every", "1", "--max-bad-steps", "3",
+            "--optimizer", "sgd", "--lr", "0.1"]
+    monkeypatch.setattr(faults, "_FAULTS", faults.parse("nan@7-30,sigterm@8"))
+    assert cli.main(args) == 0  # steps 7, 8 skipped, then the signal: saved, exit 0
+    assert _meta(workdir)["bad_streak"] == [7, 2]
+    capsys.readouterr()
+    assert cli.main(args) == 1  # resumed: step 9 is the third in a row
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("jaxdsc-train: error: non-finite loss at steps 7-9 (3 in a row)")
+
+
+def _meta(workdir: Path) -> dict:
+    newest = sorted((workdir / "checkpoints").glob("step_*"))[-1]
+    return json.loads((newest / "meta.json").read_text())
+
+
 def test_bad_data_dir_is_one_line_without_traceback(tmp_path):
     result = run_subprocess(["--data-dir", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")])
     assert result.returncode == 2

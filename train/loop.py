@@ -201,7 +201,8 @@ class Trainer:
         bs = cfg.optim.batch_size
         step = int(steps.to_host(self.state.step))
         loss_sum, acc_sum, n_sum = self.meta["epoch_sums"]
-        bad_first, bad_count = 0, 0
+        # A streak of skipped steps that a signal interrupted goes on counting after the resume.
+        bad_first, bad_count = self.meta.pop("bad_streak", [0, 0])
         pending: tuple[int, Any] | None = None
         order, order_epoch = None, -1
         bar = None
@@ -285,6 +286,7 @@ class Trainer:
         self.meta["images_per_second"] = fast_images / fast_seconds if fast_seconds else self.meta.get("images_per_second", 0.0)
         if signals.received is not None:
             self.meta["epoch_sums"] = [loss_sum, acc_sum, n_sum]
+            self.meta["bad_streak"] = [bad_first, bad_count]
             if step > 0:  # nothing completed yet: nothing to save
                 self.save()
             self.log(f"signal {signals.received}: saved step {step} in {self.ckpt.dir}; rerun the same command to resume",
