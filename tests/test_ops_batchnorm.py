@@ -14,7 +14,11 @@ absolute terms (a mean near zero has no relative accuracy to ask for). Means and
 two-pass merged in double; XLA: two-pass); observed errors are below 1e-6.
 With a mean 50 standard deviations from zero (``offset``), float32 ``x - mean``
 alone is off by ulp(100) / std = 4e-6 relative, and the gradient sums cancel
-(dscale: 1.6e-5 for both implementations): 1e-4 there.
+(dscale: 1.6e-5 for both implementations): 1e-4 there. A few rows can have a
+per-channel std far below the data's magnitude, and then no float32
+implementation does better than that conditioning allows: the tolerance is
+widened to 16 float32 ulps of max|x| / min std (observed: 4 ulps, e.g. 3 rows
+at offset 100 with a smallest std of 0.1: 2.3e-4 for both implementations).
 """
 
 from __future__ import annotations
@@ -102,8 +106,15 @@ def _operands(shape, seed, offset=0.0):
     return x, scale, bias, gy, g_mean, g_var
 
 
+def _rtol(x, floor):
+    """``floor``, or 16 float32 ulps of the data's conditioning max|x| / min per-channel std."""
+    x2 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    cond = np.abs(x2).max() / np.sqrt(x2.var(0) + EPS).min()
+    return max(floor, 16 * float(np.finfo(np.float32).eps) * cond)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(
     rows=st.integers(2, 1000),
     c=st.sampled_from([1, 3, 15, 16, 17, 32, 47, 67]),
@@ -112,7 +123,14 @@ def _operands(shape, seed, offset=0.0):
 )
 def test_matches_float64_reference(impl, rows, c, relu, offset):
     ops = _operands((rows, c), seed=rows * 100 + c, offset=offset)
-    _check_all(_run(impl, *ops, relu), ops, relu, impl, RTOL if offset == 0.0 else 1e-4)
+    _check_all(_run(impl, *ops, relu), ops, relu, impl, _rtol(ops[0], RTOL if offset == 0.0 else 1e-4))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_few_rows_far_from_zero(impl):
+    """3 rows at offset 100 (smallest std 0.1): an ill-conditioned case CI once drew at random."""
+    ops = _operands((3, 47), seed=3 * 100 + 47, offset=100.0)
+    _check_all(_run(impl, *ops, False), ops, False, impl, _rtol(ops[0], 1e-4))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
