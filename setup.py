@@ -37,6 +37,7 @@ dwconv = Extension(
     ],
     include_dirs=["csrc"],
     depends=[
+        "csrc/chan_merge.h",
         "csrc/dwconv.h",
         "csrc/dwconv_kernels.inc",
         "csrc/dwconv_common.inc",

@@ -24,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "chan_merge.h"
 #include "dwconv.h"
 #include "xla/ffi/api/ffi.h"
 
