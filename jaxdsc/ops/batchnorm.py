@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdsc.ops._select import native_or_xla
+
 BN_IMPLS = ("xla", "native")
 
 # "auto" uses the native kernels from this many values on: below it the call
@@ -215,8 +217,17 @@ def select_batch_norm_impl(
     x: jax.Array, scale: jax.Array, bias: jax.Array, impl: str = "auto"
 ) -> str:
     """Name of the implementation ``impl`` resolves to for these operands."""
-    if impl == "xla":
-        return "xla"
+    return native_or_xla(
+        impl,
+        BN_IMPLS,
+        supported=lambda: _native_supports(x, scale, bias),
+        large=x.size >= NATIVE_MIN_ELEMENTS,
+        requirement=lambda: (
+            "impl='native' needs the CPU backend, the native library "
+            "(jaxdsc.ops.native.batch_norm_available()) and float32 x, scale and bias; "
+            f"got x {x.dtype}, scale {scale.dtype}, bias {bias.dtype}"
+        ),
+    )
     if impl == "native":
         if not _native_supports(x, scale, bias):
             raise ValueError(

@@ -16,9 +16,13 @@ checks values and gradients of each against a float64 reference):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxdsc.ops._select import native_or_xla
 
 PW_IMPLS = ("xla", "native")
 
@@ -52,25 +56,18 @@ def select_pointwise_impl(
     x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, impl: str = "auto"
 ) -> str:
     """Name of the implementation ``impl`` resolves to for these operands."""
-    if impl == "xla":
-        return "xla"
-    if impl == "native":
-        if not _native_supports(x, kernel, bias):
-            raise ValueError(
-                "impl='native' needs the CPU backend, the native library "
-                "(jaxdsc.ops.native.pointwise_available()) and float32 or bfloat16 "
-                f"operands of one dtype; got x {x.dtype}, kernel {kernel.dtype}"
-                + ("" if bias is None else f", bias {bias.dtype}")
-            )
-        return "native"
-    if impl != "auto":
-        raise ValueError(f"impl must be 'auto' or one of {PW_IMPLS}, got {impl!r}")
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= d
-    if rows >= NATIVE_MIN_ROWS and _native_supports(x, kernel, bias):
-        return "native"
-    return "xla"
+    return native_or_xla(
+        impl,
+        PW_IMPLS,
+        supported=lambda: _native_supports(x, kernel, bias),
+        large=math.prod(x.shape[:-1]) >= NATIVE_MIN_ROWS,
+        requirement=lambda: (
+            "impl='native' needs the CPU backend, the native library "
+            "(jaxdsc.ops.native.pointwise_available()) and float32 or bfloat16 "
+            f"operands of one dtype; got x {x.dtype}, kernel {kernel.dtype}"
+            + ("" if bias is None else f", bias {bias.dtype}")
+        ),
+    )
 
 
 def pointwise_conv(
