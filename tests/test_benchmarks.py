@@ -3,14 +3,16 @@
 Timings are never asserted (machines are noisy); these tests check that the
 scripts behind BENCHMARKS.md still work end to end on tiny settings: the
 layer benchmark and its table rebuild, the GPU script's own steps (run on CPU
-with ``DEVICE=cpu``), and the training-step benchmark's JAX-vs-PyTorch loss
-check. Each runs in a subprocess, as a user would run it.
+with ``DEVICE=cpu``), the training-step benchmark's JAX-vs-PyTorch loss
+check, and the C++ GEMM-vs-FMA-peak driver's own result check. Each runs in a subprocess, as a user would run it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +104,26 @@ def test_stream_reference_patterns() -> None:
         call()  # the donated buffer is replaced by the result: a second call must work too
     with pytest.raises(ValueError, match="pattern must be 'inplace' or 'copy', got 'memcpy'"):
         stream_reference(1 << 16, "memcpy")
+
+
+def _has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or not _has_avx512(),
+                    reason="needs g++ and an AVX-512 CPU")
+def test_pw_kernel_driver_checks_its_gemm(tmp_path: Path) -> None:
+    exe = tmp_path / "pw_kernel"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno",
+                    f"-I{ROOT / 'csrc'}", str(BENCH / "pw_kernel.cc"), "-o", str(exe), "-pthread"],
+                   check=True, capture_output=True, timeout=300)
+    # Odd sizes: a partial last row block and a second, zero padded column
+    # panel; the driver exits 3 if the timed GEMM's result is wrong.
+    proc = _run([str(exe), "1000", "70", "2", "3"])
+    assert re.search(r"GEMM [\d.]+ us .* GEMM at [\d.]+% of peak", proc.stdout), proc.stdout
+    bad = subprocess.run([str(exe), "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
