@@ -48,6 +48,7 @@ dwconv = Extension(
         "csrc/bn_kernels.inc",
         "csrc/bn_ffi.inc",
         "csrc/sepconv_ffi.inc",
+        "csrc/parallel_for.inc",
     ],
     language="c++",
     extra_compile_args=[
