@@ -49,6 +49,7 @@ dwconv = Extension(
         "csrc/bn_ffi.inc",
         "csrc/sepconv_ffi.inc",
         "csrc/parallel_for.inc",
+        "csrc/huge_pages.inc",
     ],
     language="c++",
     extra_compile_args=[
