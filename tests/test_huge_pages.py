@@ -40,12 +40,24 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jaxdsc.ops import depthwise_conv, native
 
+def vmstat(key):
+    try:
+        for line in open("/proc/vmstat"):
+            name, value = line.split()
+            if name == key:
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
 native.set_huge_pages(sys.argv[1] == "on")
+fallback0 = vmstat("thp_fault_fallback")
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((128, 32, 32, 64)), jnp.float32)  # 32 MiB in and out
 w = jnp.asarray(rng.standard_normal((3, 3, 1, 64)), jnp.float32)
 kw = dict(strides=(1, 1), padding=((1, 1), (2, 0)), dilation=(1, 1))
 y = jax.jit(lambda x, w: depthwise_conv(x, w, impl="native", **kw))(x, w).block_until_ready()
+fallbacks = vmstat("thp_fault_fallback") - fallback0
 start = y.unsafe_buffer_pointer()
 end = start + y.nbytes
 huge_kb, inside = 0, False
@@ -58,7 +70,7 @@ for line in open("/proc/self/smaps"):  # the advice splits the output's mapping:
         huge_kb += int(line.split()[1])
 ref = jax.jit(lambda x, w: depthwise_conv(x, w, impl="xla", **kw))(x, w)
 err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
-print(json.dumps({"huge_kb": huge_kb, "rel_err": err}))
+print(json.dumps({"huge_kb": huge_kb, "rel_err": err, "fallbacks": fallbacks}))
 """
 
 
@@ -74,6 +86,8 @@ def _run(mode: str) -> dict:
 def test_large_output_is_backed_by_huge_pages_and_correct() -> None:
     out = _run("on")
     assert out["rel_err"] <= 1e-5  # float32, 9 taps: ~1e-7 observed
+    if out["huge_kb"] == 0 and out["fallbacks"] > 0:
+        pytest.skip("the kernel took the advice but had no free huge pages (thp_fault_fallback)")
     # At least one 2 MiB page; ~30 MiB when the kernel had free huge pages.
     assert out["huge_kb"] >= 2048, out
 
