@@ -184,7 +184,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   const KernelTable* k = Table().load();
   const void* xp = x.untyped_data();
   void* yp = y->untyped_data();
-  AdviseHugePages(yp, static_cast<int64_t>(y->size_bytes()));
+  AdviseHugePages(*y);
   return RunRows(pool, g, Rows(g, true), [&](int64_t r0, int64_t r1, char* s) {
     k->forward(g, xp, w32.data(), yp, r0, r1, s);
   });
@@ -210,7 +210,7 @@ ffi::Error GradInput(ffi::ThreadPool pool, ffi::AnyBuffer gy, ffi::AnyBuffer w,
   const KernelTable* k = Table().load();
   const void* gp = gy.untyped_data();
   void* xp = dx->untyped_data();
-  AdviseHugePages(xp, static_cast<int64_t>(dx->size_bytes()));
+  AdviseHugePages(*dx);
   return RunRows(pool, g, Rows(g, false), [&](int64_t r0, int64_t r1, char* s) {
     k->grad_input(g, gp, w32.data(), xp, r0, r1, s);
   });
@@ -280,7 +280,7 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
   const void* xp = x.untyped_data();
   const void* gp = gy.untyped_data();
   void* dxp = dx->untyped_data();
-  AdviseHugePages(dxp, static_cast<int64_t>(dx->size_bytes()));
+  AdviseHugePages(*dx);
   if (rows > 0) {
     const bool ok = ParallelFor(pool, tasks, k->scratch_bytes(g), [&](int64_t t, char* s) {
       k->grad_both(g, xp, gp, w32.data(), dxp, partial.data() + t * kn, rows * t / tasks,

@@ -228,19 +228,6 @@ def select_batch_norm_impl(
             f"got x {x.dtype}, scale {scale.dtype}, bias {bias.dtype}"
         ),
     )
-    if impl == "native":
-        if not _native_supports(x, scale, bias):
-            raise ValueError(
-                "impl='native' needs the CPU backend, the native library "
-                "(jaxdsc.ops.native.batch_norm_available()) and float32 x, scale and bias; "
-                f"got x {x.dtype}, scale {scale.dtype}, bias {bias.dtype}"
-            )
-        return "native"
-    if impl != "auto":
-        raise ValueError(f"impl must be 'auto' or one of {BN_IMPLS}, got {impl!r}")
-    if x.size >= NATIVE_MIN_ELEMENTS and _native_supports(x, scale, bias):
-        return "native"
-    return "xla"
 
 
 def batch_norm_act_train(
