@@ -1,4 +1,4 @@
-"""Small classifiers built from depthwise-separable dilated blocks."""
+"""DSCNet: a small CIFAR classifier built from depthwise-separable dilated blocks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from jaxdsc import _checks
 from jaxdsc._types import Dtype
 from jaxdsc.activations import check_activation
 from jaxdsc.blocks import ConvBlock, SeparableBlock
+from jaxdsc.models._registry import register_model
 from jaxdsc.norm import Normalize
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -123,3 +124,9 @@ class DSCNet(nnx.Module):
         """
         feats = self.features(x)
         return self.head(feats).astype(feats.dtype)
+
+
+@register_model("jaxdsc:dscnet")
+def dscnet(*, rngs: nnx.Rngs, **kwargs) -> DSCNet:
+    """:class:`DSCNet` with its constructor's keyword arguments."""
+    return DSCNet(rngs=rngs, **kwargs)
