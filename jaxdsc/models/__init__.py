@@ -7,12 +7,26 @@ importable directly.
 
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
+from jaxdsc.models.tcn import (
+    TCN,
+    CausalConv,
+    TemporalBlock,
+    WeightNormConv,
+    WeightNormDepthwiseConv,
+    WeightNormPointwiseConv,
+)
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "TCN",
     "BlockSpec",
+    "CausalConv",
     "DSCNet",
+    "TemporalBlock",
+    "WeightNormConv",
+    "WeightNormDepthwiseConv",
+    "WeightNormPointwiseConv",
     "block_plan",
     "create",
     "get_builder",
