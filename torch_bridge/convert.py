@@ -210,7 +210,9 @@ def tensor_to_numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 # ---------------------------------------------------------------- public API
 def _jax_training(module: nnx.Module) -> bool | None:
-    flags = [m.use_running_average for _, m in nnx.iter_modules(module) if hasattr(m, "use_running_average")]
+    # BatchNorm's use_running_average and dropout's deterministic: nnx's .eval() sets both.
+    flags = [getattr(m, a) for _, m in nnx.iter_modules(module)
+             for a in ("use_running_average", "deterministic") if hasattr(m, a)]
     return None if not flags else not all(flags)
 
 

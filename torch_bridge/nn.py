@@ -421,3 +421,14 @@ class DSCNet(nn.Module):
         # The head runs in the features' dtype (a bf16 head upcast), as nnx.Linear promotes.
         weight, bias = self.head.weight, self.head.bias
         return F.linear(feats, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype))
+
+
+# The TCN twin lives in its own module (it builds on the layers above).
+from torch_bridge.nn_tcn import (  # noqa: E402, F401
+    TCN,
+    CausalConv,
+    TemporalBlock,
+    WeightNormConv,
+    WeightNormDepthwiseConv,
+    WeightNormPointwiseConv,
+)
