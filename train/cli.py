@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="starting config: tiny (CPU smoke test), cifar10-cpu (~30 min on 2 CPU cores), "
-                             "cifar10 (accelerator, ~94%%); flags override it")
+                             "cifar10 (accelerator, ~94%%); adding, copy, music-jsb, music-nottingham (TCN "
+                             "sequence tasks, docs/sequences.md); flags override it")
     parser.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     defaults = PRESETS["default"]
     for section, cls in SECTIONS.items():

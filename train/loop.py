@@ -388,6 +388,10 @@ def _run(cfg: Config, signals: _Signals) -> int:
     maybe_initialize_distributed(cfg)
     if cfg.run.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.run.compile_cache).expanduser()))
+    if cfg.data.task != "cifar10":  # the TCN paper's sequence tasks have their own loop
+        from train.seq_loop import run_sequence
+
+        return run_sequence(cfg, signals)
     trainer = Trainer(cfg)
     if trainer.init_note:
         trainer.log(trainer.init_note)
