@@ -96,7 +96,7 @@ def _torch_fns(twin: torch.nn.Module, x: np.ndarray, lr: float):
 
     with torch.no_grad():
         y = np.moveaxis(ref(xt).numpy(), 1, -1)
-    first_loss = float(twin(xt).square().mean())
+        first_loss = float(twin(xt).square().mean())
     return forward, step, y, first_loss
 
 
