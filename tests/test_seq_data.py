@@ -52,9 +52,22 @@ def test_generate_disjoint_and_reproducible(task):
     b = seq_data.generate(task, n_train=200, n_test=50, length=20, seed=7)
     np.testing.assert_array_equal(a.train_x, b.train_x)
     np.testing.assert_array_equal(a.test_y, b.test_y)
-    assert not np.array_equal(a.train_x[:50], a.test_x)
+    assert a.test_x.shape[0] == 50
+    seq_data.assert_disjoint(a.train_x, a.test_x)
     with pytest.raises(DataError, match="both"):
         seq_data.assert_disjoint(a.train_x, a.train_x[3:5])
+
+
+def test_test_examples_repeating_training_ones_are_dropped(monkeypatch):
+    """A generator with only 3 distinct examples: every test draw repeats a training one."""
+
+    def tiny(n, length, *, seed):
+        v = np.random.default_rng(seed).integers(0, 3, n).astype(np.float32)
+        return np.broadcast_to(v[:, None, None], (n, length, 2)).copy(), v
+
+    monkeypatch.setattr(seq_data, "adding", tiny)
+    with pytest.raises(DataError, match="differ from the training set"):
+        seq_data.generate("adding", n_train=30, n_test=5, length=4, seed=0)
 
 
 def _write_mat(path, splits):

@@ -258,9 +258,13 @@ class SeqTrainer:
         }
         _write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
         if cfg.run.plot and self.records:
+            import warnings
+
             from train.plots import plot_curves
 
-            plot_curves(self.records, self.workdir / "curves.png")
+            with warnings.catch_warnings():  # its accuracy panel stays empty here (no legend entries)
+                warnings.simplefilter("ignore", UserWarning)
+                plot_curves(self.records, self.workdir / "curves.png")
         return summary
 
 
