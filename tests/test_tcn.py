@@ -32,11 +32,18 @@ CONFIGS = {
 }
 
 
+@nnx.jit
+def _call(module: nnx.Module, x: jax.Array) -> jax.Array:
+    return module(x)
+
+
 def make(seed: int = 0, channels=(6, 6, 4), kernel_size: int = 3, **kw) -> TCN:
     """A small TCN with every parameter redrawn from N(0, 0.5^2) (NumPy, seeded)."""
-    m = TCN(2, 3, channels, kernel_size=kernel_size, rngs=nnx.Rngs(seed), **kw)
+    # Built abstractly, then filled from NumPy: eager jax.random compiles one kernel per shape.
+    m = nnx.eval_shape(lambda: TCN(2, 3, channels, kernel_size=kernel_size, rngs=nnx.Rngs(seed), **kw))
     rng = np.random.default_rng(seed)
     graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    assert not jax.tree.leaves(rest)
     params = jax.tree.map(lambda p: jnp.asarray(0.5 * rng.standard_normal(p.shape), p.dtype), params)
     return nnx.merge(graphdef, params, rest)
 
@@ -48,7 +55,7 @@ def x_input(n: int = 2, t: int = 40, seed: int = 1) -> np.ndarray:
 def test_registry_and_shapes():
     m = models.create("jaxdsc:tcn", in_features=2, out_features=3, channels=[4, 5], rngs=nnx.Rngs(0))
     assert isinstance(m, TCN) and m.channels == (4, 5)
-    assert m(jnp.zeros((2, 7, 2))).shape == (2, 7, 3)
+    assert _call(m, jnp.zeros((2, 7, 2))).shape == (2, 7, 3)
     assert m.receptive_field == 1 + 2 * 1 * 3
 
 
@@ -71,8 +78,8 @@ def test_parity_and_grads(name):
     def loss(model, xx):
         return jnp.sum(model(xx) * w)
 
-    y = m(jnp.asarray(x))
-    g = nnx.grad(loss)(m, jnp.asarray(x))
+    y = _call(m, jnp.asarray(x))
+    g = nnx.jit(nnx.grad(loss))(m, jnp.asarray(x))  # jitted: eager dispatch of many small ops is slow
     xt = torch.from_numpy(to_nchw(x))
     for train in (True, False):
         twin.train(train)
@@ -112,7 +119,7 @@ def test_round_trips_bit_exact(name, tmp_path):
     assert_same_state(torch_state(plain), state)
     x = x_input(t=17)
     loaded.eval()
-    assert_close(np.asarray(m(jnp.asarray(x))), to_nhwc(loaded(torch.from_numpy(to_nchw(x))).detach().numpy()),
+    assert_close(np.asarray(_call(m, jnp.asarray(x))), to_nhwc(loaded(torch.from_numpy(to_nchw(x))).detach().numpy()),
                  RTOL32)
 
 
@@ -164,3 +171,14 @@ def test_streaming_equals_full_forward(name):
     assert_close(y0, y[:, 0], RTOL32)
     with pytest.raises(ValueError, match="x_t"):
         m.step(cache, x[:, :2])
+
+
+def test_plain_torch_weight_normed_conv1d_loads_the_tensors():
+    """The dense weight-normed conv's keys and layouts are PyTorch's own weight_norm(nn.Conv1d)."""
+    j = models.WeightNormConv(3, 5, (3,), padding="CAUSAL", kernel_dilation=(2,), rngs=nnx.Rngs(0))
+    plain = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(3, 5, 3, dilation=2))
+    plain.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in torch_state_dict(j).items()}, strict=True)
+    x = x_input(t=11)[..., :1].repeat(3, axis=-1)
+    with torch.no_grad():  # causal = left-pad (k-1)*d, then a VALID conv
+        yt = plain(torch.nn.functional.pad(torch.from_numpy(to_nchw(x)), (4, 0))).numpy()
+    assert_close(np.asarray(j(jnp.asarray(x))), to_nhwc(yt), RTOL32)

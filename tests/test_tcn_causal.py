@@ -88,8 +88,8 @@ def test_dense_causal(impl, case):
 def test_tcn_causal(separable, impl, k, levels, n, data):
     _skip_native(impl)
     t = data.draw(st.integers(0, n - 1))
-    m = TCN(2, 2, [4] * levels, kernel_size=k, separable=separable, gated=levels == 2, impl=impl,
-            rngs=nnx.Rngs(levels))
+    m = nnx.eval_shape(lambda: TCN(2, 2, [4] * levels, kernel_size=k, separable=separable,
+                                   gated=levels == 2, impl=impl, rngs=nnx.Rngs(levels)))
     graphdef, params, rest = nnx.split(m, nnx.Param, ...)
     rng = np.random.default_rng(k)
     params = jax.tree.map(lambda p: jnp.asarray(0.5 * rng.standard_normal(p.shape), p.dtype), params)
