@@ -39,6 +39,7 @@ dwconv = Extension(
     depends=[
         "csrc/chan_merge.h",
         "csrc/dwconv.h",
+        "csrc/ffi_binding.h",
         "csrc/dwconv_kernels.inc",
         "csrc/dwconv_common.inc",
         "csrc/dwconv_rows.inc",
