@@ -195,6 +195,7 @@ def custom_linear_jvp(
     backward pass. ``primal`` returns an array or a tuple of arrays;
     ``tangent.apply`` always returns a tuple.
     """
+
     def normalised(*args):  # FFI calls return lists; the tangent is a tuple
         out = primal(*args)
         return tuple(out) if isinstance(out, list) else out
