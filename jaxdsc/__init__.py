@@ -11,6 +11,7 @@ from jaxdsc.blocks import ConvBlock, SeparableBlock
 from jaxdsc.conv import Conv, DepthwiseConv, PointwiseConv, SeparableConv
 from jaxdsc.norm import BatchNorm, Constant, Normalize
 from jaxdsc.padding import PADDING_NAMES, Padding, resolve_padding
+from jaxdsc.summary import Summary, summary
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "PointwiseConv",
     "SeparableBlock",
     "SeparableConv",
+    "Summary",
     "resolve_padding",
+    "summary",
 ]
