@@ -162,11 +162,11 @@ def _intercept(root: nnx.Module, calls: list[_Call]) -> Iterator[None]:
     originals = {k: vars(k)["__call__"] for k in owners}
     try:
         for k, original in originals.items():
-            setattr(k, "__call__", wrap(original))
+            k.__call__ = wrap(original)  # type: ignore[method-assign]
         yield
     finally:
         for k, original in originals.items():
-            setattr(k, "__call__", original)
+            k.__call__ = original  # type: ignore[method-assign]
 
 
 def _shapes(out: Any) -> Shape | tuple[Shape, ...]:
@@ -282,6 +282,8 @@ def summary(
             reg = regular_equivalent(c.module, out)
             row = _with(row, *reg, param_count(c.module), macs)
         rows.append(row)
+    if not isinstance(model, _LAYERS) and _own_params(model):
+        uncounted.insert(0, "")  # the model's own parameters, used by code no formula covers
     _pair_rows(rows, calls)
     total_macs = sum(r.macs for r in rows if r.leaf)
     return Summary(shape, tuple(rows), param_count(model), total_macs, tuple(uncounted))

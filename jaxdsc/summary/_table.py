@@ -37,7 +37,7 @@ def format_table(s: Summary) -> str:
     right = {3, 4}
 
     def fmt(row: tuple[str, ...]) -> str:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         return "  ".join(cells).rstrip()
 
     rule = "-" * len(fmt(tuple("x" * w for w in widths)))
@@ -55,5 +55,5 @@ def format_table(s: Summary) -> str:
     if counted != s.total_params:
         out.append(f"Parameters in modules not called: {s.total_params - counted:,}")
     if s.uncounted:
-        out.append("MACs not counted (parameters outside jaxdsc layers): " + ", ".join(s.uncounted))
+        out.append("MACs not counted (parameters outside jaxdsc layers): " + ", ".join(p or "<model>" for p in s.uncounted))
     return "\n".join(out)
