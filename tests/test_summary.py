@@ -12,6 +12,7 @@ total must equal ``2 * (total MACs - BatchNorm/Normalize MACs)`` exactly.
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -178,6 +179,11 @@ def test_cli(capsys):
     assert cli.main(["jaxdsc:dscnet", "--input", "1,32,32,3", "--kwargs", '{"width": 8}']) == 0
     text = capsys.readouterr().out
     assert "blocks.5.pointwise" in text and "Total MACs" in text and "separable saves" in text
+    assert cli.main(["jaxdsc:dscnet", "--input", "1,32,32,3", "--depth", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.5 " in text and "pointwise" not in text and "Total MACs" in text
+    assert cli.main(["jaxdsc:unet", "--input", "1,33,31,3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][-1]["output_shape"] == [1, 33, 31, 2]
     assert cli.main(["jaxdsc:nope", "--input", "1,8,8,3"]) == 2
     assert "unknown model name" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -107,10 +107,14 @@ class Summary:
             "rows": [asdict(r) for r in self.rows],
         }
 
-    def __str__(self) -> str:
+    def table(self, max_depth: int | None = None) -> str:
+        """The table; ``max_depth=0`` shows only the outermost rows (totals are always complete)."""
         from jaxdsc.summary._table import format_table
 
-        return format_table(self)
+        return format_table(self, max_depth)
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 @dataclass

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="input shape NHWC, comma-separated (default 1,224,224,3)")
     parser.add_argument("--kwargs", type=json.loads, default={},
                         help='constructor keyword arguments as JSON, e.g. \'{"num_classes": 21}\'')
+    parser.add_argument("--depth", type=int, default=None,
+                        help="show rows nested at most this deep (0: outermost layers only)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     if not isinstance(args.kwargs, dict):
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result.to_dict(), indent=1) if args.json else result)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.table(args.depth))
     return 0
 
 

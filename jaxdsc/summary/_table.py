@@ -22,10 +22,12 @@ def _shape(shape) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def format_table(s: Summary) -> str:
+def format_table(s: Summary, max_depth: int | None = None) -> str:
     header = ("Layer", "Type", "Output shape", "Params", "MACs", "Regular conv: params / MACs")
     lines = []
     for r in s.rows:
+        if max_depth is not None and r.depth > max_depth:
+            continue
         regular = ""
         if r.regular_macs is not None:
             ratio = r.regular_macs / r.separable_macs if r.separable_macs else float("inf")
