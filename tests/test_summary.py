@@ -162,6 +162,7 @@ def test_model_untouched_and_classes_restored():
 def test_torch_flop_counter_on_twins():
     for m, shape in (
         (jaxdsc.models.DSCNet(width=8, depth=1, rngs=nnx.Rngs(0)), (2, 17, 15, 3)),
+        (jaxdsc.models.UNet(3, width=4, depth=2, rngs=nnx.Rngs(0)), (1, 13, 10, 3)),
         (jaxdsc.SeparableConv(6, 8, 3, kernel_dilation=2, mid_norm="batch", merge="concat",
                               padding="REFLECT", rngs=nnx.Rngs(0)), (1, 9, 10, 6)),
     ):

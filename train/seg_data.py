@@ -53,7 +53,7 @@ def _params(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
         "present": np.arange(k) < rng.integers(2, k + 1),
         "cls": rng.integers(1, NUM_CLASSES, k),
         "center": rng.uniform(0.1, 0.9, (k, 2)) * size,
-        "radius": rng.uniform(0.08, 0.22, k) * size,
+        "radius": rng.uniform(0.1, 0.25, k) * size,
         "aspect": rng.uniform(0.4, 1.0, k),
         "angle": rng.uniform(0, 2 * np.pi, k),
         "color": rng.uniform(0, 1, (k, 3)),
@@ -92,9 +92,10 @@ def _render(p: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray
         rr = u * u + v * v
         disk = rr <= r * r
         rect = (np.abs(u) <= r) & (np.abs(v) <= r * col(p["aspect"]))
-        tri = u <= r / 2  # equilateral: three half-planes at the inradius r / 2
+        # Equilateral: three half-planes at the inradius 0.7 r (an area close to the others').
+        tri = u <= 0.7 * r
         for a in (2 * np.pi / 3, 4 * np.pi / 3):
-            tri &= u * np.float32(np.cos(a)) + v * np.float32(np.sin(a)) <= r / 2
+            tri &= u * np.float32(np.cos(a)) + v * np.float32(np.sin(a)) <= 0.7 * r
         ring = disk & (rr >= (0.55 * r) ** 2)
         inside = np.select([cls == 1, cls == 2, cls == 3], [disk, rect, tri], ring)
         inside &= col(p["present"])
