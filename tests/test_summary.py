@@ -26,6 +26,7 @@ import jaxdsc
 import torch_bridge
 from jaxdsc.padding import resolve_padding
 from jaxdsc.summary import __main__ as cli
+from torch_bridge import nn as tnn
 
 AFFINE = ("BatchNorm", "Normalize")
 
@@ -74,7 +75,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("case", range(len(CONV_CASES)))
 def test_conv_macs_match_xla(case):
     make, shape = CONV_CASES[case]
-    m = make()
+    m = nnx.eval_shape(make)  # abstract: no jax.random compile per parameter shape
     s = jaxdsc.summary(m, shape)
     (row,) = s.rows  # a lone layer is its own (root) row
     assert row.path == "" and row.leaf and row.macs == s.total_macs
@@ -88,12 +89,12 @@ def test_conv_macs_match_xla(case):
 
 def test_pointwise_linear_separable_match_xla():
     shape = (2, 6, 7, 8)  # under the native GEMM's row threshold: XLA's dot everywhere
-    for m in (jaxdsc.PointwiseConv(8, 12, use_bias=False, rngs=nnx.Rngs(0)),
-              nnx.Linear(8, 5, use_bias=False, rngs=nnx.Rngs(0))):
+    for m in (nnx.eval_shape(lambda: jaxdsc.PointwiseConv(8, 12, use_bias=False, rngs=nnx.Rngs(0))),
+              nnx.eval_shape(lambda: nnx.Linear(8, 5, use_bias=False, rngs=nnx.Rngs(0)))):
         assert xla_flops(m, shape) == 2 * jaxdsc.summary(m, shape).total_macs
     for merge in (None, "concat"):
-        m = jaxdsc.SeparableConv(8, 12, 3, depth_multiplier=2, padding="VALID", kernel_dilation=2,
-                                 merge=merge, **_kw())
+        m = nnx.eval_shape(lambda merge=merge: jaxdsc.SeparableConv(
+            8, 12, 3, depth_multiplier=2, padding="VALID", kernel_dilation=2, merge=merge, **_kw()))
         s = jaxdsc.summary(m, shape)
         dw = 2 * 2 * 3 * 8 * 2 * 9          # N * out H * out W * C*M * taps
         pw = 2 * 2 * 3 * 16 * 12
@@ -117,8 +118,8 @@ class Pair(nnx.Module):
 
 
 def test_rows_and_regular_equivalents():
-    m = jaxdsc.SeparableBlock(8, 16, 3, strides=2, rngs=nnx.Rngs(0))
-    s = jaxdsc.summary(nnx.Sequential(m), (1, 10, 10, 8))
+    m = nnx.eval_shape(lambda: nnx.Sequential(jaxdsc.SeparableBlock(8, 16, 3, strides=2, rngs=nnx.Rngs(0))))
+    s = jaxdsc.summary(m, (1, 10, 10, 8))
     block, *parts = s.rows
     assert [r.path for r in parts] == ["layers.0.depthwise", "layers.0.bn_dw", "layers.0.pointwise",
                                        "layers.0.bn_pw"]
@@ -128,21 +129,23 @@ def test_rows_and_regular_equivalents():
     assert (block.regular_params, block.regular_macs) == (9 * 8 * 16 + 32, 25 * (9 * 8 * 16 + 16))
     assert s.regular_macs == block.regular_macs and s.total_params == block.params
 
-    s = jaxdsc.summary(Pair(nnx.Rngs(0)), (2, 6, 6, 4))
+    s = jaxdsc.summary(nnx.eval_shape(lambda: Pair(nnx.Rngs(0))), (2, 6, 6, 4))
     pw = s.rows[-1]
     assert pw.type == "PointwiseConv" and pw.separable_macs == s.total_macs
     assert pw.regular_macs == 2 * 36 * 9 * 4 * 6 and pw.regular_params == 9 * 4 * 6 + 6
     assert "dw+pw pair" in str(s)
 
-    s = jaxdsc.summary(Pair(nnx.Rngs(0), stray=True), (2, 6, 6, 4))
+    s = jaxdsc.summary(nnx.eval_shape(lambda: Pair(nnx.Rngs(0), stray=True)), (2, 6, 6, 4))
     assert s.uncounted == ("",) and "<model>" in str(s)  # the model's own Param
-    nested = jaxdsc.summary(nnx.Sequential(Pair(nnx.Rngs(0), stray=True)), (2, 6, 6, 4))
+    nested = jaxdsc.summary(nnx.eval_shape(lambda: nnx.Sequential(Pair(nnx.Rngs(0), stray=True))),
+                            (2, 6, 6, 4))
     assert nested.uncounted == ("layers.0",) and nested.rows[0].macs is None
     assert "MACs not counted" in str(nested)
 
 
 def test_model_untouched_and_classes_restored():
-    model = jaxdsc.models.DSCNet(width=8, depth=1, rngs=nnx.Rngs(0))
+    model = torch_bridge.from_torch(tnn.DSCNet(width=8, depth=1))  # concrete, no jax.random
+    model.train()
     before = jax.tree.map(lambda a: a.copy(), nnx.to_pure_dict(nnx.state(model)))
     call = jaxdsc.SeparableBlock.__call__
     s = jaxdsc.summary(model, (1, 16, 16, 3), train=True)
@@ -160,14 +163,14 @@ def test_model_untouched_and_classes_restored():
 
 
 def test_torch_flop_counter_on_twins():
-    for m, shape in (
-        (jaxdsc.models.DSCNet(width=8, depth=1, rngs=nnx.Rngs(0)), (2, 17, 15, 3)),
-        (jaxdsc.models.UNet(3, width=4, depth=2, rngs=nnx.Rngs(0)), (1, 13, 10, 3)),
-        (jaxdsc.SeparableConv(6, 8, 3, kernel_dilation=2, mid_norm="batch", merge="concat",
-                              padding="REFLECT", rngs=nnx.Rngs(0)), (1, 9, 10, 6)),
+    for twin, shape in (
+        (tnn.DSCNet(width=8, depth=1), (2, 17, 15, 3)),
+        (tnn.UNet(3, width=4, depth=2), (1, 13, 10, 3)),
+        (tnn.SeparableConv(6, 8, 3, dilation=2, mid_norm="batch", merge="concat", padding="REFLECT"),
+         (1, 9, 10, 6)),
     ):
+        m = torch_bridge.from_torch(twin.eval())
         s = jaxdsc.summary(m, shape)
-        twin = torch_bridge.to_torch(m).eval()
         with FlopCounterMode(display=False) as counter:
             twin(torch_input(random_input(shape)))
         affine = sum(r.macs for r in s.rows if r.type in AFFINE)
