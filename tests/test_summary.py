@@ -128,6 +128,8 @@ def test_rows_and_regular_equivalents():
     assert block.params == sum(r.params for r in parts) == 8 * 9 + 16 + 8 * 16 + 32
     assert (block.regular_params, block.regular_macs) == (9 * 8 * 16 + 32, 25 * (9 * 8 * 16 + 16))
     assert s.regular_macs == block.regular_macs and s.total_params == block.params
+    alone = jaxdsc.summary(m.layers[0], (1, 10, 10, 8))  # the block as the root: its parts inside it
+    assert alone.rows[0].path == "" and alone.regular_macs == block.regular_macs
 
     s = jaxdsc.summary(nnx.eval_shape(lambda: Pair(nnx.Rngs(0))), (2, 6, 6, 4))
     pw = s.rows[-1]

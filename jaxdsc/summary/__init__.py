@@ -204,9 +204,13 @@ def _trace(model: nnx.Module, x: jax.ShapeDtypeStruct, train: bool) -> list[_Cal
 
 def _pair_rows(rows: list[Row], calls: list[_Call]) -> None:
     """Annotate each PointwiseConv that ends a depthwise+pointwise pair outside a separable layer."""
-    compared = [r.path + "." for r in rows if r.regular_macs is not None]
+    compared = [r.path for r in rows if r.regular_macs is not None]
+
+    def inside(path: str, outer: str) -> bool:  # "" is the root layer: everything else is inside
+        return path != outer and (outer == "" or path.startswith(outer + "."))
+
     leaves = [(i, c) for i, c in enumerate(calls) if rows[i].leaf
-              and not any(rows[i].path.startswith(p) for p in compared)]
+              and not any(inside(rows[i].path, p) for p in compared)]
     for j, (i, c) in enumerate(leaves):
         if not isinstance(c.module, DepthwiseConv):
             continue
