@@ -138,7 +138,7 @@ def test_rows_and_regular_equivalents():
     assert "dw+pw pair" in str(s)
 
     s = jaxdsc.summary(nnx.eval_shape(lambda: Pair(nnx.Rngs(0), stray=True)), (2, 6, 6, 4))
-    assert s.uncounted == ("",) and "<model>" in str(s)  # the model's own Param
+    assert s.uncounted == ("",) and "<root>" in str(s)  # the model's own Param
     nested = jaxdsc.summary(nnx.eval_shape(lambda: nnx.Sequential(Pair(nnx.Rngs(0), stray=True))),
                             (2, 6, 6, 4))
     assert nested.uncounted == ("layers.0",) and nested.rows[0].macs is None

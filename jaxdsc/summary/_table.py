@@ -33,7 +33,7 @@ def format_table(s: Summary, max_depth: int | None = None) -> str:
             ratio = r.regular_macs / r.separable_macs if r.separable_macs else float("inf")
             what = "dw+pw pair " if r.type not in ("SeparableConv", "SeparableBlock") else ""
             regular = f"{what}{r.regular_params:,} / {r.regular_macs:,} ({ratio:.1f}x)"
-        lines.append(("  " * r.depth + r.path, r.type, _shape(r.output_shape), f"{r.params:,}",
+        lines.append(("  " * r.depth + (r.path or "<root>"), r.type, _shape(r.output_shape), f"{r.params:,}",
                       "?" if r.macs is None else f"{r.macs:,}", regular))
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     right = {3, 4}
@@ -57,5 +57,5 @@ def format_table(s: Summary, max_depth: int | None = None) -> str:
     if counted != s.total_params:
         out.append(f"Parameters in modules not called: {s.total_params - counted:,}")
     if s.uncounted:
-        out.append("MACs not counted (parameters outside jaxdsc layers): " + ", ".join(p or "<model>" for p in s.uncounted))
+        out.append("MACs not counted (parameters outside jaxdsc layers): " + ", ".join(p or "<root>" for p in s.uncounted))
     return "\n".join(out)
