@@ -3,7 +3,8 @@
 Modules (channels-last, 1-D/2-D/3-D from ``len(kernel_size)``):
 :class:`DepthwiseConv`, :class:`PointwiseConv`, :class:`SeparableConv`,
 :class:`Conv`, :class:`SeparableBlock`, :class:`ConvBlock`,
-:class:`BatchNorm`, :class:`Normalize`; classifiers in :mod:`jaxdsc.models`.
+:class:`BatchNorm`, :class:`Normalize`; models in :mod:`jaxdsc.models`;
+:func:`summary`: parameters and multiply-adds per layer (``python -m jaxdsc.summary NAME``).
 PyTorch twins and exact conversion live in the ``torch_bridge`` package.
 """
 
