@@ -421,3 +421,8 @@ class DSCNet(nn.Module):
         # The head runs in the features' dtype (a bf16 head upcast), as nnx.Linear promotes.
         weight, bias = self.head.weight, self.head.bias
         return F.linear(feats, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype))
+
+
+# A model module of its own; it imports the layers above, so it comes last.
+from torch_bridge.nn_unet import UNet  # noqa: E402, F401
+
