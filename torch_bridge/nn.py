@@ -423,7 +423,7 @@ class DSCNet(nn.Module):
         return F.linear(feats, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype))
 
 
-# The TCN twin lives in its own module (it builds on the layers above).
+# Model modules of their own; they import the layers above, so they come last.
 from torch_bridge.nn_tcn import (  # noqa: E402, F401
     TCN,
     CausalConv,
@@ -432,3 +432,4 @@ from torch_bridge.nn_tcn import (  # noqa: E402, F401
     WeightNormDepthwiseConv,
     WeightNormPointwiseConv,
 )
+from torch_bridge.nn_unet import UNet  # noqa: E402, F401

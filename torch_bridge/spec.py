@@ -219,6 +219,10 @@ SPECS: tuple[ModuleSpec, ...] = (
     ModuleSpec("DSCNet", models.DSCNet, tnn.DSCNet,
                (Arg("num_classes", "num_classes"), Arg("in_features", "in_channels"),
                 Arg("width", "width"), Arg("depth", "depth"), _ACT, MOMENTUM, EPSILON)),
+    ModuleSpec("UNet", models.UNet, tnn.UNet,
+               (Arg("num_classes", "num_classes"), Arg("in_features", "in_channels"),
+                Arg("width", "width"), Arg("depth", "depth"), Arg("dilations", "dilations"),
+                Arg("separable", "separable"), _ACT, MOMENTUM, EPSILON)),
 )
 
 _BY_NAME = {s.name: s for s in SPECS}

@@ -15,6 +15,7 @@ from jaxdsc.models.tcn import (
     WeightNormDepthwiseConv,
     WeightNormPointwiseConv,
 )
+from jaxdsc.models.unet import UNet
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -24,6 +25,7 @@ __all__ = [
     "CausalConv",
     "DSCNet",
     "TemporalBlock",
+    "UNet",
     "WeightNormConv",
     "WeightNormDepthwiseConv",
     "WeightNormPointwiseConv",

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdsc.ops._linear import Linear, custom_linear_jvp, jvp_of
 from jaxdsc.ops._select import native_or_xla
 
 BN_IMPLS = ("xla", "native")
@@ -38,7 +39,6 @@ NATIVE_MIN_ELEMENTS = 1 << 15
 # ------------------------------------------------------------------ xla --
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -51,7 +51,7 @@ def batch_norm_train(
     where autodiff of the forward takes several more; batch norm was the
     largest part of the CPU training step (issue 5, BENCHMARKS.md).
     """
-    return _bn_train_fwd(x, scale, bias, epsilon)[0]
+    return _xla_op(float(epsilon))(x, scale, bias)
 
 
 def _bn_train_fwd(x, scale, bias, epsilon):
@@ -82,7 +82,32 @@ def _bn_train_bwd(epsilon, res, cotangents):
     return dx, dscale, dbias
 
 
-batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+def _bn_transpose(epsilon: float, native: bool, relu: bool = False):
+    """The backward pass as the transpose of the tangent map, from residuals (x, scale, bias, mean, var)."""
+
+    def transpose(res, cts, needed):
+        del needed  # one pass yields all three
+        x, scale, bias, mean, var = res
+        if native:
+            return native_backward(x, cts[0], scale, bias, mean, var, *cts[1:], epsilon, relu)
+        return _bn_train_bwd(epsilon, (x, mean, jax.lax.rsqrt(var + epsilon), scale), cts)
+
+    return transpose
+
+
+def _keep_statistics(args, out):
+    return (*args, out[1], out[2])
+
+
+@functools.lru_cache(maxsize=64)
+def _xla_op(epsilon: float):
+    """Forward and reverse mode (any order) with the closed-form backward."""
+
+    def forward(x, scale, bias):
+        return _bn_train_fwd(x, scale, bias, epsilon)[0]
+
+    tangent = Linear(jvp_of(forward, 3), _bn_transpose(epsilon, native=False), "batch_norm")
+    return custom_linear_jvp(forward, tangent, residuals=_keep_statistics)
 
 
 # --------------------------------------------------------------- native --
@@ -144,23 +169,18 @@ def _native_backward_jvp(epsilon, relu, primals, tangents):
     return native_backward(*primals, epsilon, relu), t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _native_bn(x2, scale, bias, epsilon, relu):
-    return native_forward(x2, scale, bias, epsilon, relu)
+@functools.lru_cache(maxsize=64)
+def _native_bn(epsilon: float, relu: bool):
+    """Native values and backward; forward-mode tangents from the reference formulas."""
 
+    def forward(x2, scale, bias):
+        return native_forward(x2, scale, bias, epsilon, relu)
 
-def _native_bn_fwd(x2, scale, bias, epsilon, relu):
-    y, mean, var = native_forward(x2, scale, bias, epsilon, relu)
-    return (y, mean, var), (x2, scale, bias, mean, var)
+    def reference(x2, scale, bias):
+        return _reference_forward(x2, scale, bias, epsilon, relu)
 
-
-def _native_bn_bwd(epsilon, relu, res, cotangents):
-    x2, scale, bias, mean, var = res
-    gy, g_mean, g_var = cotangents
-    return native_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon, relu)
-
-
-_native_bn.defvjp(_native_bn_fwd, _native_bn_bwd)
+    tangent = Linear(jvp_of(reference, 3), _bn_transpose(epsilon, True, relu), "native_batch_norm")
+    return custom_linear_jvp(forward, tangent, residuals=_keep_statistics)
 
 
 def self_check() -> bool:
@@ -253,5 +273,5 @@ def batch_norm_act_train(
     if select_batch_norm_impl(x, scale, bias, impl) == "xla":
         y, mean, var = batch_norm_train(x, scale, bias, epsilon)
         return (jax.nn.relu(y) if relu else y), mean, var
-    y, mean, var = _native_bn(x.reshape(-1, x.shape[-1]), scale, bias, float(epsilon), bool(relu))
+    y, mean, var = _native_bn(float(epsilon), bool(relu))(x.reshape(-1, x.shape[-1]), scale, bias)
     return y.reshape(x.shape), mean, var

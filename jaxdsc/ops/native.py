@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdsc.ops import _build
 from jaxdsc.ops._vjp import Family, make_family
 from jaxdsc.ops.depthwise import DepthwiseCall, Impl, register_impl
 
@@ -69,12 +70,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "disabled by JAXDSC_DISABLE_NATIVE"
     path = _library_path()
     if path is None:
-        return None, (
-            "jaxdsc/_dwconv*.so not found: not built or its build failed (it needs a C++17 "
-            "compiler at pip install time; rebuild in place: python setup.py build_ext --inplace)"
-        )
+        return None, _build.not_built_reason(Path(__file__).resolve().parent.parent)
     try:
         lib = ctypes.CDLL(str(path))
+        if reason := _build.check_library(lib):  # built for another jaxlib's FFI API
+            return None, f"{path}: {reason}"
         for name in _TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         lib.jaxdsc_dw_isa.restype = ctypes.c_char_p
@@ -340,6 +340,8 @@ def available() -> bool:
     """True when the library loaded and passed its self-check (run once, lazily)."""
     global _REASON
     if _LIB is None:
+        if not _REASON.startswith("disabled by"):  # JAXDSC_DISABLE_NATIVE: nothing to warn about
+            _build.warn_unavailable(_REASON)
         return False
     _REASON = _self_check()
     if _REASON:

@@ -8,9 +8,9 @@ rows into an L2-resident buffer and runs the pointwise GEMM on it, so the
 intermediate never makes the round trip through memory. The depthwise bias is
 folded into the pointwise one (``pw_bias + dw_bias @ pw_kernel``).
 
-Gradients (``jax.grad`` / ``jax.vjp``) run the unfused pair, whose forward
-keeps the intermediate for the pointwise weight gradient: the fused kernel
-serves inference. ``tests/test_ops_separable.py`` checks the fused forward and
+Derivatives (``jax.grad``, ``jax.jvp``, any order) run the unfused pair, whose
+forward keeps the intermediate for the pointwise weight gradient: the fused
+kernel serves inference. ``tests/test_ops_separable.py`` checks the fused forward and
 the gradients against the unfused composition and the ``"xla"`` path.
 """
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxdsc.ops import native
+from jaxdsc.ops._linear import fast_primal
 from jaxdsc.ops.depthwise import DepthwiseCall, Pairs, depthwise_conv, make_call, select_impl
 from jaxdsc.ops.pointwise import pointwise_conv, select_pointwise_impl
 
@@ -77,7 +78,7 @@ def _fused_ffi(x, wd, wp, b, call: DepthwiseCall):
 
 @functools.lru_cache(maxsize=512)
 def _fused_op(call: DepthwiseCall, impl: str, has_dw_bias: bool, has_pw_bias: bool, precision):
-    """``f(x, wd, wp, *biases)``: fused primal, unfused VJP, for one static geometry."""
+    """``f(x, wd, wp, *biases)``: fused primal, unfused derivatives, for one static geometry."""
 
     def unpack(biases):
         it = iter(biases)
@@ -91,22 +92,14 @@ def _fused_op(call: DepthwiseCall, impl: str, has_dw_bias: bool, has_pw_bias: bo
             h = h + bd
         return pointwise_conv(h, wp, bp, precision=precision)
 
-    @jax.custom_vjp
-    def f(x, wd, wp, *biases):
+    def fused(x, wd, wp, *biases):
         bd, bp = unpack(biases)
         b = jnp.zeros((wp.shape[1],), wp.dtype) if bp is None else bp
         if bd is not None:
             b = b + jnp.dot(bd, wp, precision=lax.Precision.HIGHEST)
         return _fused_ffi(x, wd, wp, b, call)
 
-    def f_fwd(x, wd, wp, *biases):
-        return jax.vjp(unfused, x, wd, wp, *biases)
-
-    def f_bwd(vjp, g):
-        return vjp(g)
-
-    f.defvjp(f_fwd, f_bwd)
-    return f, unfused
+    return fast_primal(fused, unfused), unfused
 
 
 def separable_conv(
