@@ -7,12 +7,15 @@ importable directly.
 
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
+from jaxdsc.models.timm_efficientnet import TimmEfficientNet, TimmMobileNetV3
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "BlockSpec",
     "DSCNet",
+    "TimmEfficientNet",
+    "TimmMobileNetV3",
     "block_plan",
     "create",
     "get_builder",
