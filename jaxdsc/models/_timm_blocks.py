@@ -7,9 +7,11 @@ a :class:`BlockCfg` (the decoded, fully resolved arguments of one timm block)
 so the plan and the modules stay separate: the plan is plain data that can be
 checked against a timm instance without building anything.
 
-Stochastic depth and dropout are stateless: their randomness comes from the
-``rngs`` passed to ``__call__`` (stream ``"dropout"``), only in training
-(``module.train()``), as timm's ``DropPath`` / ``F.dropout`` do.
+Stochastic depth (timm's ``DropPath``: per sample, survivors scaled by
+``1 / (1 - p)``) is :class:`jaxdsc.models._common.StochasticDepth` in ``"row"``
+mode, active only in training, drawing from a fork of the build-time ``rngs``
+stream ``"dropout"``; blocks with rate 0 get the identity, as timm's
+``nn.Identity``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flax import nnx
 
 from jaxdsc.activations import ACTIVATIONS
 from jaxdsc.conv import Conv, DepthwiseConv, PointwiseConv
+from jaxdsc.models._common import Identity, StochasticDepth, global_avg_pool
 from jaxdsc.norm import BatchNorm
 
 
@@ -108,26 +111,6 @@ class BlockCfg:
         return self.stride == 1 and self.in_chs == self.out_chs and not self.noskip
 
 
-class DropPath(nnx.Module):
-    """timm's ``DropPath``: in training, zero whole samples with probability ``rate``, scale the rest."""
-
-    def __init__(self, rate: float):
-        self.rate = float(rate)
-        self.deterministic = False  # nnx's train()/eval() flip it, as for nnx.Dropout
-
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        if self.rate == 0.0 or self.deterministic:
-            return x
-        if rngs is None:
-            raise ValueError(
-                f"rngs must be given in training mode: stochastic depth (rate {self.rate}) draws from "
-                "rngs.dropout(); call model.eval() or pass rngs=nnx.Rngs(dropout=seed)"
-            )
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)) if keep > 0 else x * 0
-
-
 class SqueezeExcite(nnx.Module):
     """timm's EfficientNet ``SqueezeExcite``: ``x * gate(expand(act(reduce(mean_hw(x)))))``."""
 
@@ -137,7 +120,7 @@ class SqueezeExcite(nnx.Module):
         self.act_name, self.gate = act_name, gate
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = global_avg_pool(x, keepdims=True)
         s = self.conv_expand(act(self.act_name, self.conv_reduce(s)))
         return x * act(self.gate, s).astype(x.dtype)
 
@@ -158,9 +141,13 @@ def _dw(cfg: BlockCfg, chs: int, padding: str, impl: str, common: dict, rngs: nn
                          **common)
 
 
+def _drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Module:
+    return StochasticDepth(rate, "row", rngs=rngs) if rate else Identity()
+
+
 class _Block(nnx.Module):
-    def _finish(self, x: jax.Array, shortcut: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        return self.drop_path(x, rngs) + shortcut if self.has_skip else x
+    def _finish(self, x: jax.Array, shortcut: jax.Array) -> jax.Array:
+        return self.drop_path(x) + shortcut if self.has_skip else x
 
 
 class DepthwiseSeparableConv(_Block):
@@ -175,14 +162,14 @@ class DepthwiseSeparableConv(_Block):
                    if cfg.se_chs else None)
         self.conv_pw = pointwise(cfg.in_chs, cfg.out_chs, False, rngs, common)
         self.bn2 = _bn(cfg.out_chs, eps, common)
-        self.drop_path = DropPath(cfg.drop_path)
+        self.drop_path = _drop_path(cfg.drop_path, rngs)
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         h = self.bn1(self.conv_dw(x), activation=self.act_name)
         if self.se is not None:
             h = self.se(h)
         h = self.bn2(self.conv_pw(h), activation=self.act_name if self.pw_act else None)
-        return self._finish(h, x, rngs)
+        return self._finish(h, x)
 
 
 class InvertedResidual(_Block):
@@ -200,15 +187,15 @@ class InvertedResidual(_Block):
                    if cfg.se_chs else None)
         self.conv_pwl = pointwise(mid, cfg.out_chs, False, rngs, common)
         self.bn3 = _bn(cfg.out_chs, eps, common)
-        self.drop_path = DropPath(cfg.drop_path)
+        self.drop_path = _drop_path(cfg.drop_path, rngs)
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         h = self.bn1(self.conv_pw(x), activation=self.act_name)
         h = self.bn2(self.conv_dw(h), activation=self.act_name)
         if self.se is not None:
             h = self.se(h)
         h = self.bn3(self.conv_pwl(h))
-        return self._finish(h, x, rngs)
+        return self._finish(h, x)
 
 
 class ConvBnAct(_Block):
@@ -224,10 +211,10 @@ class ConvBnAct(_Block):
                              kernel_dilation=cfg.dilation, padding=padding, use_bias=False,
                              kernel_init=conv_init, impl=impl, rngs=rngs, **common)
         self.bn1 = _bn(cfg.out_chs, eps, common)
-        self.drop_path = DropPath(cfg.drop_path)
+        self.drop_path = _drop_path(cfg.drop_path, rngs)
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        return self._finish(self.bn1(self.conv(x), activation=self.act_name), x, rngs)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._finish(self.bn1(self.conv(x), activation=self.act_name), x)
 
 
 BLOCKS = {"ds": DepthwiseSeparableConv, "ir": InvertedResidual, "cn": ConvBnAct}

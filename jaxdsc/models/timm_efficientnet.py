@@ -35,22 +35,17 @@ from jax import lax
 from jaxdsc import _checks
 from jaxdsc._types import Dtype
 from jaxdsc.conv import Conv
+from jaxdsc.models._common import global_avg_pool, make_divisible
 from jaxdsc.models._registry import register_model
 from jaxdsc.models._timm_blocks import BLOCKS, BlockCfg, act, conv_init, linear_init, pointwise
 from jaxdsc.models._timm_blocks import _bn as batch_norm
 
-__all__ = ["ARCHS", "Arch", "TimmEfficientNet", "TimmMobileNetV3", "decode_arch", "make_divisible"]
+__all__ = ["ARCHS", "Arch", "Plan", "TimmEfficientNet", "TimmMobileNetV3", "decode_arch", "round_channels"]
 
 
 # ---------------------------------------------------------------- channel / depth rounding (timm's rules)
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
-    """timm's ``make_divisible``: nearest multiple of ``divisor``, never more than 10% below ``v``."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < round_limit * v else new_v
-
-
 def round_channels(chs: int, multiplier: float = 1.0, divisor: int = 8) -> int:
+    """timm's ``round_channels``: ``make_divisible(chs * multiplier, 8)``."""
     return make_divisible(chs * multiplier, divisor) if multiplier else chs
 
 
@@ -216,11 +211,11 @@ def decode_arch(arch: Arch, *, output_stride: int = 32, drop_path_rate: float = 
                     stride *= s
             block_act = o["act"] or arch.act
             out = rc(o["c"])
-            mid = make_divisible(in_chs * o["e"]) if o["kind"] == "ir" else in_chs
+            mid = make_divisible(in_chs * o["e"], 8) if o["kind"] == "ir" else in_chs
             se_chs = 0
             if o["se"]:
                 ratio = o["se"] if arch.se_from_exp else o["se"] / (o["e"] if o["kind"] == "ir" else 1.0)
-                se_chs = make_divisible(mid * ratio) if arch.se_round == "divisible" else round(mid * ratio)
+                se_chs = make_divisible(mid * ratio, 8) if arch.se_round == "divisible" else round(mid * ratio)
             blocks.append(BlockCfg(
                 kind=o["kind"], in_chs=in_chs, out_chs=out, kernel=o["k"], stride=s, dilation=dilation,
                 act=block_act, mid_chs=mid, se_chs=se_chs, se_act=arch.se_act or block_act, se_gate=arch.se_gate,
@@ -269,8 +264,7 @@ class _TimmNet(nnx.Module):
             for stage in plan.stages
         ])
         self._build_head(common, rngs)
-        # Dropout without its own Rngs: it holds no state, the randomness comes with each call.
-        self.drop = nnx.Dropout(self.drop_rate)
+        self.drop = nnx.Dropout(self.drop_rate, rngs=rngs)
         self.classifier = None if self.num_classes == 0 else nnx.Linear(  # timm: nn.Identity for 0 classes
             spec.num_features, self.num_classes, kernel_init=linear_init, dtype=dtype,
             param_dtype=param_dtype, precision=precision, rngs=rngs)
@@ -281,15 +275,15 @@ class _TimmNet(nnx.Module):
     def _stem(self, x: jax.Array) -> jax.Array:
         return self.bn1(self.conv_stem(x), activation=self.spec.act)
 
-    def forward_features(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def forward_features(self, x: jax.Array) -> jax.Array:
         """The last block stage's output ``(N, H/32, W/32, C)`` (timm's ``forward_features`` before the head)."""
         x = self._stem(x)
         for stage in self.blocks:
             for block in stage:
-                x = block(x, rngs)
+                x = block(x)
         return x
 
-    def features(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+    def features(self, x: jax.Array) -> list[jax.Array]:
         """The multi-scale maps timm's ``features_only=True`` model returns (``out_indices=(0,1,2,3,4)``).
 
         NHWC, strides 2, 4, 8, 16, 32 (less where ``output_stride`` dilates).
@@ -298,13 +292,13 @@ class _TimmNet(nnx.Module):
         out = [x] if self.plan.taps[0] == -1 else []
         for i, stage in enumerate(self.blocks):
             for block in stage:
-                x = block(x, rngs)
+                x = block(x)
             if i in self.plan.taps:
                 out.append(x)
         return out
 
-    def _classify(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        x = self.drop(x, rngs=rngs) if self.drop_rate > 0 else x
+    def _classify(self, x: jax.Array) -> jax.Array:
+        x = self.drop(x) if self.drop_rate > 0 else x
         return x if self.classifier is None else self.classifier(x)
 
     @property
@@ -318,8 +312,8 @@ class TimmEfficientNet(_TimmNet):
 
     ``stem -> blocks -> conv_head -> bn2(act) -> mean -> dropout -> classifier``.
     Input ``(N, H, W, in_chans)``, logits ``(N, num_classes)`` (pooled features
-    when ``num_classes=0``). ``rngs`` (stream ``"dropout"``) is needed in
-    training when ``drop_rate`` or ``drop_path_rate`` is non-zero.
+    when ``num_classes=0``). Dropout and stochastic depth act in training
+    only and draw from the build-time ``rngs`` (stream ``"dropout"``).
     """
 
     timm_class = "efficientnet"
@@ -339,9 +333,9 @@ class TimmEfficientNet(_TimmNet):
         self.conv_head = pointwise(self.plan.head_in, nf, False, rngs, common)
         self.bn2 = batch_norm(nf, self.spec.eps, common)
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        x = self.bn2(self.conv_head(self.forward_features(x, rngs=rngs)), activation=self.spec.act)
-        return self._classify(jnp.mean(x, axis=(1, 2)), rngs)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.bn2(self.conv_head(self.forward_features(x)), activation=self.spec.act)
+        return self._classify(global_avg_pool(x))
 
 
 class TimmMobileNetV3(_TimmNet):
@@ -362,10 +356,10 @@ class TimmMobileNetV3(_TimmNet):
     def _build_head(self, common: dict, rngs: nnx.Rngs) -> None:
         self.conv_head = pointwise(self.plan.head_in, self.spec.num_features, self.spec.head_bias, rngs, common)
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        x = jnp.mean(self.forward_features(x, rngs=rngs), axis=(1, 2), keepdims=True)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = global_avg_pool(self.forward_features(x), keepdims=True)
         x = act(self.spec.act, self.conv_head(x))
-        return self._classify(x.reshape(x.shape[0], -1), rngs)
+        return self._classify(x.reshape(x.shape[0], -1))
 
 
 def _register(name: str, cls: type) -> None:

@@ -22,7 +22,10 @@ def describe(module: Any) -> str:
     """A leaf as its ``repr`` (``inplace`` dropped: it does not change results); others by class."""
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     if any(True for _ in module.children()):
-        return cls
+        # A module with children may still hold settings of its own (timm's BatchNormAct2d is a
+        # BatchNorm2d with an `act` child: eps and momentum are in its extra_repr).
+        own = _INPLACE.sub("", module.extra_repr())
+        return f"{cls}: {own}" if own else cls
     return f"{cls}: {_INPLACE.sub('', repr(module)).replace('(, ', '(')}"
 
 
