@@ -22,6 +22,7 @@ EfficientNet), ``output_stride`` (timm's MobileNetV3 class has none).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -367,6 +368,10 @@ def _register(name: str, cls: type) -> None:
         return cls(name, rngs=rngs, **kwargs)
 
     build.__name__ = name
+    # The class's keyword arguments (the bridge passes param_dtype / impl only when listed).
+    sig = inspect.signature(cls.__init__)
+    build.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items()
+                                                  if n not in ("self", "arch")])
     build.__doc__ = f"timm's ``{name}`` (:class:`{cls.__name__}`) with timm's keyword arguments."
     register_model(f"timm:{name}")(build)
 
