@@ -81,10 +81,10 @@ def test_depth_scaling_matches_timm_for_every_arch():
 
 # ---------------------------------------------------------------- numerical parity
 CONFIGS = [  # (name, timm kwargs, eval input HxW, train-mode check)
-    ("mobilenetv2_035", {"num_classes": 10}, (97, 131), False),
+    ("mobilenetv2_035", {"num_classes": 10}, (97, 131), True),
     ("mobilenetv3_small_050", {"num_classes": 7, "drop_rate": 0.2, "drop_path_rate": 0.1}, (97, 131), False),
-    ("tf_efficientnet_b0", {"num_classes": 5, "output_stride": 16}, (97, 131), True),
-    ("tf_mobilenetv3_large_075", {"num_classes": 0, "in_chans": 1}, (64, 80), False),
+    ("tf_efficientnet_b0", {"num_classes": 5, "output_stride": 16}, (97, 131), False),
+    ("tf_mobilenetv3_small_075", {"num_classes": 0, "in_chans": 1}, (64, 80), False),
 ]
 
 
