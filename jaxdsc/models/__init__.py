@@ -7,6 +7,7 @@ importable directly.
 
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
+from jaxdsc.models.torchvision_efficientnet import EfficientNet
 from jaxdsc.models.torchvision_mobilenetv2 import MobileNetV2
 from jaxdsc.models.torchvision_mobilenetv3 import MobileNetV3
 
@@ -15,6 +16,7 @@ __all__ = [
     "CIFAR10_STD",
     "BlockSpec",
     "DSCNet",
+    "EfficientNet",
     "MobileNetV2",
     "MobileNetV3",
     "block_plan",
