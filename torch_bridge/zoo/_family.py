@@ -24,6 +24,7 @@ from torch_bridge.errors import UnsupportedModelError
 FAMILY_MODULES: tuple[str, ...] = (
     "torch_bridge.zoo.torchvision_mobilenet",
     "torch_bridge.zoo.torchvision_efficientnet",
+    "torch_bridge.zoo.torchvision_segmentation",
 )
 """Modules that register families when imported (one per family file)."""
 
