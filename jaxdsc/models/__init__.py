@@ -8,14 +8,19 @@ importable directly.
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
 from jaxdsc.models.timm_efficientnet import TimmEfficientNet, TimmMobileNetV3
+from jaxdsc.models.torchvision_efficientnet import EfficientNet
 from jaxdsc.models.torchvision_mobilenetv2 import MobileNetV2
 from jaxdsc.models.torchvision_mobilenetv3 import MobileNetV3
+from jaxdsc.models.torchvision_segmentation import LRASPP, DeepLabV3
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "LRASPP",
     "BlockSpec",
     "DSCNet",
+    "DeepLabV3",
+    "EfficientNet",
     "MobileNetV2",
     "MobileNetV3",
     "TimmEfficientNet",
