@@ -15,16 +15,28 @@ from jaxdsc.models.tcn import (
     WeightNormDepthwiseConv,
     WeightNormPointwiseConv,
 )
+from jaxdsc.models.timm_efficientnet import TimmEfficientNet, TimmMobileNetV3
+from jaxdsc.models.torchvision_efficientnet import EfficientNet
+from jaxdsc.models.torchvision_mobilenetv2 import MobileNetV2
+from jaxdsc.models.torchvision_mobilenetv3 import MobileNetV3
+from jaxdsc.models.torchvision_segmentation import LRASPP, DeepLabV3
 from jaxdsc.models.unet import UNet
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "LRASPP",
     "TCN",
     "BlockSpec",
     "CausalConv",
     "DSCNet",
+    "DeepLabV3",
+    "EfficientNet",
+    "MobileNetV2",
+    "MobileNetV3",
     "TemporalBlock",
+    "TimmEfficientNet",
+    "TimmMobileNetV3",
     "UNet",
     "WeightNormConv",
     "WeightNormDepthwiseConv",
