@@ -15,6 +15,7 @@ from flax import nnx  # noqa: E402
 import jaxdsc.models  # noqa: E402
 import torch_bridge  # noqa: E402
 from torch_bridge import UnsupportedModelError  # noqa: E402
+from torch_bridge.convert import tensor_to_numpy  # noqa: E402
 
 
 def _x(shape, seed=0, dtype=np.float32):
@@ -42,7 +43,7 @@ def test_gradients_float64(x64):
     config = {"num_classes": 10, "width_mult": 0.5, "round_nearest": 8, "dropout": 0.2,
               "inverted_residual_setting": [[1, 16, 1, 1], [6, 24, 2, 2], [4, 32, 2, 1]]}
     tm = zc.randomize(torchvision.models.mobilenet_v2(**config), seed=6).double()
-    state = {k: zc.tensor_to_numpy(v) for k, v in tm.state_dict().items()}
+    state = {k: tensor_to_numpy(v) for k, v in tm.state_dict().items()}
     jm = torch_bridge.convert.build_jax("torchvision:mobilenet_v2", config, state)
     assert jm.config == config
     zc.check_train(tm, jm, _x((2, 3, 64, 48), seed=7, dtype=np.float64), rtol=zc.GRAD_RTOL64, grads=True)
@@ -100,14 +101,15 @@ def test_changed_layers_are_refused():
 
 
 def test_state_dict_mismatches_are_refused():
-    jm = jaxdsc.models.create("torchvision:mobilenet_v2", rngs=nnx.Rngs(0), num_classes=10)
-    state = torch_bridge.torch_state_dict(jm)
+    tm = torchvision.models.mobilenet_v2(num_classes=10)
+    state = {k: tensor_to_numpy(v) for k, v in tm.state_dict().items()}
+    name, config = torch_bridge.convert.module_config(tm)
     bad = dict(state)
     del bad["features.5.conv.2.weight"]
     with pytest.raises(UnsupportedModelError, match=r"missing 1 tensor\(s\): features\.5\.conv\.2\.weight"):
-        torch_bridge.convert.build_jax("torchvision:mobilenet_v2", jm.config, bad)
+        torch_bridge.convert.build_jax(name, config, bad)
     bad = dict(state, **{"classifier.1.weight": np.zeros((11, 1280), np.float32)})
     with pytest.raises(UnsupportedModelError, match=r"classifier\.1\.weight.*\(11, 1280\), expected \(10, 1280\)"):
-        torch_bridge.convert.build_torch("torchvision:mobilenet_v2", jm.config, bad)
+        torch_bridge.convert.build_torch(name, config, bad)
     with pytest.raises(UnsupportedModelError, match="no bridge family serves"):
         torch_bridge.convert.build_torch("torchvision:mobilenet_v9", {}, state)

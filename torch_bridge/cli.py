@@ -102,7 +102,7 @@ def _jaxdsc_checkpoint(path: Path, args: argparse.Namespace) -> Loaded | None:
     if args.class_name is not None or args.config is not None or args.arch is not None:
         raise UsageError(
             f"{path} is a jaxdsc checkpoint that records its own class and config; "
-            "drop --class/--arch/--config (they are for plain PyTorch state dicts)"
+            "drop --class/--config and --arch (they are for plain PyTorch state dicts)"
         )
     ckpt = read(path)  # format, class, config, SHA-256s, shapes, dtypes
     return Loaded(ckpt.name, ckpt.config, ckpt.tensors, f"jaxdsc checkpoint v{ckpt.metadata['format_version']}")
