@@ -8,6 +8,8 @@ importable directly.
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
 from jaxdsc.models.unet import UNet
+from jaxdsc.models.torchvision_mobilenetv2 import MobileNetV2
+from jaxdsc.models.torchvision_mobilenetv3 import MobileNetV3
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -15,6 +17,8 @@ __all__ = [
     "BlockSpec",
     "DSCNet",
     "UNet",
+    "MobileNetV2",
+    "MobileNetV3",
     "block_plan",
     "create",
     "get_builder",
