@@ -7,7 +7,8 @@ format version and a SHA-256 of every tensor's bytes.
 
 Reading never unpickles and never executes anything from the file: our own
 parser reads the safetensors header (JSON) and the raw tensor bytes, checks
-every size, offset, key, shape, dtype and hash, and raises
+every size, offset, key, shape, dtype and hash (the tensors must tile the
+data region exactly, as the reference parser requires), and raises
 :class:`CheckpointError` naming the file and the problem. Plain PyTorch
 ``.pt``/``.pth``/``.bin``/``.ckpt`` state dicts are read only with
 ``torch.load(weights_only=True)``.
@@ -165,7 +166,28 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
     tensors: dict[str, np.ndarray] = {}
     for key, info in header.items():
         tensors[key] = _tensor(path, key, info, data)
+    _check_tiling(path, header, len(data))
     return tensors, metadata
+
+
+def _check_tiling(path: Path, header: dict[str, Any], size: int) -> None:
+    """The tensors' byte ranges must tile the data region: no gap, no overlap, no trailing bytes.
+
+    The same rule as the reference parser (the safetensors crate's ``Metadata::validate`` and its
+    "file not fully covered" check): ranges sorted by (start, end) begin where the previous one
+    ended, from 0, and the last ends at the end of the file. So no two tensors share bytes and no
+    bytes hide in the file unaccounted for.
+    """
+    end = 0
+    for (start, stop), key in sorted((tuple(info["data_offsets"]), key) for key, info in header.items()):
+        if start != end:
+            what = "overlaps the previous tensor" if start < end else f"leaves a gap of {start - end} bytes"
+            raise _fail(path, f"tensor {key!r} at data offsets [{start}, {stop}] {what} (expected it to start at "
+                              f"{end}; the tensors must cover the data region contiguously)")
+        end = stop
+    if end != size:
+        raise _fail(path, f"the tensors cover {end} of the {size} bytes of the data region ({size - end} bytes "
+                          "are not part of any tensor)")
 
 
 def _tensor(path: Path, key: str, info: Any, data: memoryview) -> np.ndarray:

@@ -51,7 +51,6 @@ from torch_bridge.convert import (
     expected_torch_entries,
     float_dtype,
     module_config,
-    torch_state_dict,
     validate_state,
 )
 from torch_bridge.errors import CheckpointError
@@ -62,6 +61,7 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 SAFETENSORS = ".safetensors"
 OUTPUT_SUFFIXES = (SAFETENSORS, *TORCH_PICKLE_SUFFIXES)
+WORKDIR_EXPORT = "jaxdsc-train export {dir} OUT.safetensors"
 
 
 class UsageError(Exception):
@@ -122,34 +122,9 @@ def _plain_state_dict(path: Path, args: argparse.Namespace) -> Loaded | None:
     return Loaded(args.class_name, _parse_config(args.config, args.class_name), tensors, kind)
 
 
-def _trainer_checkpoint(path: Path, args: argparse.Namespace) -> Loaded | None:
-    # A jaxdsc-train workdir, its checkpoints/ or one step_* dir (orbax, no pickle): its
-    # newest checkpoint, EMA weights when the run kept them, as the trainer's --init-from reads it.
-    if not path.is_dir():
-        return None
-    try:
-        from train.checkpointing import PREFIX
-        from train.config import ConfigError, ModelConfig
-        from train.model import _from_workdir
-    except ImportError:  # the train extra is not installed
-        return None
-    if not any(p.name.startswith(PREFIX) for root in (path, path / "checkpoints") if root.is_dir()
-               for p in root.iterdir()) and not path.name.startswith(PREFIX):
-        return None
-    if args.class_name is not None or args.config is not None:
-        raise UsageError(f"{path} is a jaxdsc-train checkpoint that records its own config; drop --class/--config")
-    try:
-        model = _from_workdir(ModelConfig(), path, seed=0)
-    except (ConfigError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
-    name, config = module_config(model)
-    return Loaded(name, config, torch_state_dict(model), "jaxdsc-train checkpoint")
-
-
 SOURCES: list[Source] = [
     Source("jaxdsc checkpoint", _jaxdsc_checkpoint),
     Source("plain PyTorch state dict", _plain_state_dict),
-    Source("jaxdsc-train checkpoint", _trainer_checkpoint),
 ]
 
 
@@ -157,13 +132,13 @@ def open_source(path: Path, args: argparse.Namespace) -> Loaded:
     """The first source that recognises ``path``."""
     if not path.exists():
         raise UsageError(f"{path}: no such file")
+    if path.is_dir():  # jaxdsc-train workdirs were accepted here once; the trainer exports them now
+        raise UsageError(f"{path} is a directory; {PROG} converts files. To export a jaxdsc-train workdir "
+                         f"run: {WORKDIR_EXPORT.format(dir=path)}")
     for source in SOURCES:
         loaded = source.open(path, args)
         if loaded is not None:
             return loaded
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory without jaxdsc-train checkpoints; expected one, or a "
-                         ".safetensors, .pt, .pth, .bin or .ckpt file")
     raise UsageError(f"{path}: unknown input type {path.suffix!r}; expected .safetensors, .pt, .pth, .bin or .ckpt")
 
 
@@ -305,8 +280,8 @@ examples:
   {PROG} model.pt --class DSCNet --config '{{"width": 32, "depth": 2}}' -o model.safetensors
   {PROG} weights.safetensors --class SeparableConv --config @config.json -o conv.safetensors
 
-  # a jaxdsc-train run (its newest checkpoint) -> a file for PyTorch users
-  jaxdsc-convert runs/cifar10 -o model.safetensors
+  # a jaxdsc-train run (its newest checkpoint) -> a file for PyTorch users: the trainer does it
+  jaxdsc-train export runs/cifar10 model.safetensors
 
   # a jaxdsc checkpoint -> a plain PyTorch state dict, for
   # twin.load_state_dict(torch.load("model.pt", weights_only=True))
@@ -332,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", nargs="?", metavar="SOURCE",
-                        help="input: a jaxdsc .safetensors checkpoint, a jaxdsc-train workdir (its newest "
-                        "checkpoint; EMA weights if kept), or a plain PyTorch state dict "
-                        "(.pt, .pth, .bin, .ckpt or .safetensors) together with --class and --config")
+                        help="input file: a jaxdsc .safetensors checkpoint, or a plain PyTorch state dict "
+                        "(.pt, .pth, .bin, .ckpt or .safetensors) together with --class and --config "
+                        "(a jaxdsc-train workdir: use `jaxdsc-train export WORKDIR OUT`)")
     parser.add_argument("-o", "--output", metavar="OUT",
                         help="output file; its suffix picks the format: .safetensors (jaxdsc checkpoint) "
                         "or .pt/.pth/.bin/.ckpt (plain PyTorch state dict)")

@@ -111,8 +111,13 @@ class RunConfig:
     plot: bool = _f(True, "write curves.png at the end", resume=True)
     compile_cache: str = _f("", "persistent XLA compilation cache dir: a restarted run skips compiling "
                                 "(same as JAX_COMPILATION_CACHE_DIR)", resume=True)
-    distributed: bool = _f(False, "call jax.distributed.initialize() (multi-host; also when "
-                                  "JAX_COORDINATOR_ADDRESS or JAXDSC_DISTRIBUTED=1 is set)", resume=True)
+    distributed: bool = _f(False, "multi-process run: call jax.distributed.initialize() first (also when "
+                                  "JAX_COORDINATOR_ADDRESS, JAXDSC_DISTRIBUTED=1 or one of the next three flags "
+                                  "is set; see docs/multi-host.md)", resume=True)
+    coordinator_address: str = _f("", "HOST:PORT of process 0's coordinator (empty: $JAX_COORDINATOR_ADDRESS, "
+                                      "else auto-detected on SLURM / TPU VMs)", resume=True)
+    num_processes: int = _f(0, "number of processes (0: $JAX_NUM_PROCESSES, else auto-detected)", resume=True)
+    process_id: int = _f(-1, "this process's id, 0..N-1 (-1: $JAX_PROCESS_ID, else auto-detected)", resume=True)
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--init-config needs --init-from (a plain PyTorch state dict)")
     if r.export_torch and not r.export_torch.endswith(".safetensors"):
         raise ConfigError(f"--export-torch must name a .safetensors file, got {r.export_torch!r}")
+    if r.num_processes < 0 or r.process_id < -1:
+        raise ConfigError(f"--num-processes must be >= 0 and --process-id >= -1, got {r.num_processes} and "
+                          f"{r.process_id}")
+    if r.num_processes > 0 and not -1 <= r.process_id < r.num_processes:
+        raise ConfigError(f"--process-id {r.process_id} must be below --num-processes {r.num_processes}")
     if not r.workdir:
         raise ConfigError("--workdir must not be empty")
     return cfg

@@ -96,6 +96,11 @@ def to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(get, tree)
 
 
+def applied_updates(state: TrainState) -> jax.Array:
+    """Updates the optimizer has applied (its schedule's step): steps done minus steps skipped."""
+    return state.step - state.skipped
+
+
 def all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -119,8 +124,7 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         TRACES["train_step"] += 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # `poison` is 0.0 (exact no-op) unless a fault is injected (train/faults.py).
-        images = augment(batch["image"], key, padding=crop_padding, flip=flip) + batch["poison"]
+        images = augment(batch["image"], key, padding=crop_padding, flip=flip)
         labels = batch["label"]
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
@@ -149,7 +153,8 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "finite": finite.astype(jnp.int32),
             "grad_norm": optax.tree.norm(grads),
-            "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+            # The optimizer's schedule counts applied updates only: skipped steps do not advance it.
+            "lr": jnp.asarray(lr_schedule(applied_updates(state)), jnp.float32),
         }
         return new, metrics
 
@@ -181,10 +186,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def jit_steps(train_step: Callable[..., Any], eval_step: Callable[..., Any], mesh: Mesh) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Jit both steps for ``mesh``: state replicated and donated, batch sharded on axis 0."""
+    """Jit both steps for ``mesh``: state replicated and donated, every batch entry sharded on axis 0."""
     rep, bat = replicated(mesh), batch_sharded(mesh)
-    train_in = {"image": bat, "label": bat, "poison": rep}
-    eval_in = {"image": bat, "label": bat, "mask": bat}
-    train = jax.jit(train_step, in_shardings=(rep, train_in), out_shardings=(rep, rep), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(rep, eval_in), out_shardings=rep)
+    train = jax.jit(train_step, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(rep, bat), out_shardings=rep)
     return train, evaluate
