@@ -56,7 +56,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: Literal["dscnet"] = _f("dscnet", "architecture (jaxdsc.models.DSCNet)")
+    model: str = _f("dscnet", "architecture: dscnet (jaxdsc.models.DSCNet, also 'jaxdsc:dscnet') or any "
+                              "jaxdsc.models.create name, e.g. torchvision:mobilenet_v2 (docs/model-zoo-training.md)")
+    model_kwargs: str = _f("", "JSON constructor arguments of a zoo --model (upstream names), e.g. "
+                               '\'{"width_mult": 0.5}\'; input_mean/input_std override the input normalisation')
     width: int = _f(32, "channels of the first stage (then 2w, 4w)")
     depth: int = _f(2, "separable blocks per stage (3 stages)")
     num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
@@ -176,6 +179,10 @@ def validate(cfg: Config) -> Config:
                     ("momentum", o.momentum), ("beta2", o.beta2), ("bn_momentum", m.bn_momentum)):
         if not 0 <= v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    if m.model_kwargs and m.model in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError("--model-kwargs is for zoo models; DSCNet takes --width/--depth")
+    if m.init_config and m.model not in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError("--init-config is for DSCNet; a zoo model's state dict needs none (--model-kwargs)")
     if m.init_config and not m.init_from:
         raise ConfigError("--init-config needs --init-from (a plain PyTorch state dict)")
     if r.export_torch and not r.export_torch.endswith(".safetensors"):
