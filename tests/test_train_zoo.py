@@ -55,21 +55,21 @@ def test_init_from_upstream_state_dict(tmp_path):
     pth, st = tmp_path / "mbv2.pth", tmp_path / "mbv2.safetensors"
     torch.save(sd, pth)
     save_file({k: v.contiguous() for k, v in sd.items()}, st)
-    for path in (pth, st):
-        # Same classes: every tensor arrives unchanged.
-        from torch_bridge.convert import torch_state_dict
+    from torch_bridge.convert import torch_state_dict
 
+    for path in (pth, st):  # same classes: every tensor arrives unchanged
         model, note = zoo_model.init_from(_cfg(num_classes=7), path, seed=0)
         got = torch_state_dict(model)
         assert set(got) == set(sd)
         for k, v in sd.items():
             np.testing.assert_array_equal(got[k], v.numpy(), err_msg=k)
-        # Other classes: the classifier is new, everything else is the file's.
-        model, note = zoo_model.init_from(_cfg(num_classes=10), path, seed=0)
-        assert "new 10-class classifier" in note
-        got = torch_state_dict(model)
-        assert got["classifier.1.weight"].shape == (10, sd["classifier.1.weight"].shape[1])
-        np.testing.assert_array_equal(got["features.18.0.weight"], sd["features.18.0.weight"].numpy())
+    # Other classes: the classifier is new, everything else is the file's.
+    model, note = zoo_model.init_from(_cfg(num_classes=10), pth, seed=0)
+    assert "new 10-class classifier" in note
+    got = torch_state_dict(model)
+    assert got["classifier.1.weight"].shape == (10, sd["classifier.1.weight"].shape[1])
+    np.testing.assert_array_equal(got["features.18.0.weight"], sd["features.18.0.weight"].numpy())
+    np.testing.assert_array_equal(got["features.18.1.running_var"], sd["features.18.1.running_var"].numpy())
     # Any other shape difference is refused by name.
     bad = dict(sd)
     bad["features.1.conv.0.0.weight"] = torch.zeros(3, 1, 3, 3)
@@ -79,7 +79,7 @@ def test_init_from_upstream_state_dict(tmp_path):
     # A width that does not match: refused, not partly loaded.
     with pytest.raises(ConfigError, match="only the classifier"):
         zoo_model.init_from(_cfg(model_kwargs='{"width_mult": 0.5}', num_classes=7), pth, seed=0)
-    bad = {k: v for k, v in sd.items() if k != "features.2.conv.1.weight"}
+    bad = {k: v for k, v in sd.items() if k != "features.2.conv.1.0.weight"}
     torch.save(bad, tmp_path / "missing.pth")
     with pytest.raises(ConfigError, match="missing"):
         zoo_model.init_from(_cfg(num_classes=7), tmp_path / "missing.pth", seed=0)
@@ -94,7 +94,7 @@ def test_input_norm_and_kwargs():
         zoo_model.model_kwargs(_cfg(model_kwargs='{"num_classes": 3}'))
     with pytest.raises(ConfigError, match="input_std"):
         zoo_model.input_norm(_cfg(model_kwargs='{"input_std": [1, 0, 1]}'))
-    with pytest.raises(ConfigError, match="unknown model name|--model"):
+    with pytest.raises(ConfigError, match=r"unknown model name"):
         zoo_model.build(_cfg(model="torchvision:nope"), 0)
 
 

@@ -89,7 +89,6 @@ def input_norm(cfg: ModelConfig, model: nnx.Module | None = None) -> tuple[tuple
 
 def _create(cfg: ModelConfig, seed: int, num_classes: int | None = None) -> nnx.Module:
     from jaxdsc.models import create
-
     from train.model import compute_dtype
 
     kwargs = model_kwargs(cfg)
@@ -146,7 +145,6 @@ def init_from(cfg: ModelConfig, path: Path, seed: int) -> tuple[nnx.Module, str]
     """A zoo model holding the upstream state dict in ``path`` (classifier re-initialised when its
     number of classes differs from ``--num-classes``); and a note on what happened."""
     from torch_bridge.convert import expected_torch_entries, load_torch_state_dict, torch_state_dict
-
     from train.model import _as_float32
 
     tensors = _as_float32(_read(cfg, path))
