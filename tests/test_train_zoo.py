@@ -98,6 +98,12 @@ def test_input_norm_and_kwargs():
         zoo_model.build(_cfg(model="torchvision:nope"), 0)
 
 
+# One block per stage (upstream strides and widths): the same classes, a third of the compile time.
+SHORT = {**KW, "inverted_residual_setting": [[1, 16, 1, 1], [6, 24, 1, 2], [6, 32, 1, 2], [6, 64, 1, 2],
+                                             [6, 96, 1, 1], [6, 160, 1, 2], [6, 320, 1, 1]]}
+
+
+@pytest.mark.slow
 def test_train_freeze_head_lr_export_same_accuracy_in_torch(tmp_path):
     from train.cli import main
     from train.data import load_or_download
@@ -107,10 +113,10 @@ def test_train_freeze_head_lr_export_same_accuracy_in_torch(tmp_path):
     work, out = tmp_path / "run", tmp_path / "out.safetensors"
     init = tmp_path / "init.pth"
     torch.manual_seed(1)
-    tm = torchvision.models.mobilenet_v2(num_classes=1000, **KW)
+    tm = torchvision.models.mobilenet_v2(num_classes=1000, **SHORT)
     torch.save(tm.state_dict(), init)  # an "ImageNet" checkpoint: 1000 classes, re-initialised to 10
     code = main(["--preset", "tiny", "--data-dir", str(data), "--workdir", str(work), "--model", NAME,
-                 "--model-kwargs", json.dumps(KW), "--num-classes", "10", "--init-from", str(init),
+                 "--model-kwargs", json.dumps(SHORT), "--num-classes", "10", "--init-from", str(init),
                  "--epochs", "1", "--batch-size", "32", "--eval-batch-size", "32", "--impl", "xla",
                  "--freeze", "features.0.*", "--head-lr", "0.05", "--no-progress", "--no-plot",
                  "--export-torch", str(out)])
@@ -131,7 +137,7 @@ def test_train_freeze_head_lr_export_same_accuracy_in_torch(tmp_path):
         torch.testing.assert_close(sd[k], init_sd[k], rtol=0, atol=0)
     assert not torch.equal(sd["features.1.conv.0.0.weight"], init_sd["features.1.conv.0.0.weight"])
 
-    net = torchvision.models.mobilenet_v2(num_classes=10, **KW)
+    net = torchvision.models.mobilenet_v2(num_classes=10, **SHORT)
     net.load_state_dict(sd, strict=True)
     net.eval()
     ds = load_or_download(str(data), tmp_path / "cache", "", "", progress=False)
