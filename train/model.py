@@ -92,6 +92,9 @@ def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> DSCNet:
     if cfg_file is None:
         raise ConfigError(f"{path}: no config.json next to checkpoint {ckpt.name}")
     src = json.loads(cfg_file.read_text())["model"]
+    if src.get("model", "dscnet") not in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError(f"{path}: a {src['model']} run; reading zoo-model workdirs is not supported yet "
+                          "(rerun its command with --eval-only --export-torch FILE, then --init-from FILE)")
     model = DSCNet(src["num_classes"], width=src["width"], depth=src["depth"], momentum=src["bn_momentum"],
                    dtype=compute_dtype(cfg), impl=cfg.impl, rngs=nnx.Rngs(params=seed))
     prefix = "ema." if any(k.startswith("ema.") for k in arrays) else ""
