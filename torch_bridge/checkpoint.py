@@ -93,8 +93,12 @@ def save(module: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, Any],
-                state: Mapping[str, np.ndarray]) -> Path:
-    """Write a PyTorch-layout state dict with our metadata (class, config, hashes)."""
+                state: Mapping[str, np.ndarray], extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a PyTorch-layout state dict with our metadata (class, config, hashes).
+
+    ``extra_metadata``: more string entries for the header (e.g. the trainer's ``input_mean``);
+    they may not replace ours.
+    """
     check_class_name(name)
     config_json = json.dumps(dict(config), sort_keys=True)
     hashes = {k: _sha256(v) for k, v in state.items()}
@@ -106,6 +110,10 @@ def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, An
         "config": config_json,
         "sha256": json.dumps(hashes, sort_keys=True),
     }
+    for key, value in (extra_metadata or {}).items():
+        if key in metadata or not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"extra_metadata[{key!r}]: expected a new str key with a str value, got {value!r}")
+        metadata[key] = value
     return atomic_write_bytes(path, serialize(state, metadata))
 
 

@@ -63,8 +63,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: Literal["dscnet", "tcn"] = _f("dscnet", "architecture: dscnet (jaxdsc.models.DSCNet) or tcn "
-                                                   "(jaxdsc.models.TCN, sequence tasks)")
+    model: str = _f("dscnet", "architecture: dscnet (jaxdsc.models.DSCNet, also 'jaxdsc:dscnet'), tcn (jaxdsc.models.TCN, "
+                              "sequence tasks) or any jaxdsc.models.create name, e.g. torchvision:mobilenet_v2 "
+                              "(docs/model-zoo-training.md)")
+    model_kwargs: str = _f("", "JSON constructor arguments of a zoo --model (upstream names), e.g. "
+                               '\'{"width_mult": 0.5}\'; input_mean/input_std override the input normalisation')
     channels: list[int] = _f(  # noqa: RUF009 - _f turns a list default into a default_factory
         [], "tcn: width of each level (level i has dilation 2^i)")
     kernel_size: int = _f(7, "tcn: taps of every causal conv")
@@ -190,6 +193,10 @@ def validate(cfg: Config) -> Config:
                     ("momentum", o.momentum), ("beta2", o.beta2), ("bn_momentum", m.bn_momentum)):
         if not 0 <= v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    if m.model_kwargs and m.model in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError("--model-kwargs is for zoo models; DSCNet takes --width/--depth")
+    if m.init_config and m.model not in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError("--init-config is for DSCNet; a zoo model's state dict needs none (--model-kwargs)")
     if m.init_config and not m.init_from:
         raise ConfigError("--init-config needs --init-from (a plain PyTorch state dict)")
     if r.export_torch and not r.export_torch.endswith(".safetensors"):
@@ -201,7 +208,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--process-id {r.process_id} must be below --num-processes {r.num_processes}")
     if not r.workdir:
         raise ConfigError("--workdir must not be empty")
-    if (d.task == "cifar10") != (m.model == "dscnet"):
+    if (d.task == "cifar10") == (m.model == "tcn"):
         raise ConfigError(f"--task {d.task} needs --model {'dscnet' if d.task == 'cifar10' else 'tcn'}, "
                           f"got --model {m.model} (the presets set both)")
     if m.model == "tcn" and (not m.channels or min(m.channels) < 1 or m.kernel_size < 1 or d.seq_length < 0

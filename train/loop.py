@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdsc._io import atomic_write_text
-from train import distributed, faults, feed, malloc, steps
+from train import distributed, faults, feed, malloc, steps, zoo_model
 from train.checkpointing import Checkpointer, RestoreError
 from train.config import Config, ConfigError, default_data_dir, flat_fields, validate
 from train.data import load_or_download
@@ -152,17 +152,22 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
 
         model, self.init_note = initial_model(cfg.model, cfg.run.seed)
+        # Zoo models take normalised input (upstream convention); DSCNet normalises inside.
+        self.input_norm = zoo_model.input_norm(cfg.model, model) if zoo_model.is_zoo(cfg.model) else None
+        input_fn = zoo_model.normalizer(*self.input_norm) if self.input_norm else None
         self.graph_train, self.graph_eval, params, stats, consts = steps.split_model(model)
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-        self.tx, self.lr_fn = make_optimizer(cfg.optim, params, self.steps_per_epoch)
+        self.tx, self.lr_fn = make_optimizer(cfg.optim, params, self.steps_per_epoch,
+                                             head=zoo_model.head_prefixes(cfg.model))
         self.state = steps.create_state(params, stats, consts, self.tx, self.mesh, seed=cfg.run.seed,
                                         ema=cfg.optim.ema_decay > 0)
         train_fn = steps.make_train_step(
             self.graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
             label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
-            ema_decay=cfg.optim.ema_decay)
+            ema_decay=cfg.optim.ema_decay, input_fn=input_fn)
         train_fn = faults.wrap_train_step(train_fn)  # itself unless a nan fault is requested
-        self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(self.graph_eval), self.mesh)
+        self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(self.graph_eval, input_fn),
+                                                          self.mesh)
         self.meta: dict[str, Any] = {"train_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0], "data_order": feed.ORDER}
         self.traces_at_start = steps.TRACES["train_step"]
         self.records: list[dict[str, Any]] = []
@@ -354,9 +359,7 @@ class Trainer:
             return None
         test_loss, test_acc = result
         if cfg.run.export_torch and self.primary:
-            import torch_bridge
-
-            torch_bridge.save(self.final_model(), cfg.run.export_torch)
+            zoo_model.export(self.final_model(), cfg.run.export_torch, self.input_norm)
             self.log(f"exported {cfg.run.export_torch}")
         step = int(steps.to_host(self.state.step))
         summary = {
@@ -369,11 +372,14 @@ class Trainer:
             "skipped_steps": int(steps.to_host(self.state.skipped)),
             "time_to_80": _time_to(self.records, 0.8), "time_to_90": _time_to(self.records, 0.9),
             "train_step_traces": steps.TRACES["train_step"] - self.traces_at_start,
-            "model": f"dscnet w{cfg.model.width} d{cfg.model.depth}",
+            "model": zoo_model.describe(cfg.model) if zoo_model.is_zoo(cfg.model)
+            else f"dscnet w{cfg.model.width} d{cfg.model.depth}",
             "loadavg": [round(v, 2) for v in os.getloadavg()],  # 1/5/15 min at the end: was the CPU shared?
             "malloc": malloc.status,  # per option: set, or why not
             "peak_rss_mib": _peak_rss_mib(),
         }
+        if self.input_norm:
+            summary["input_mean"], summary["input_std"] = map(list, self.input_norm)
         if self.primary:
             _write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
             if cfg.run.plot and self.records:
@@ -424,9 +430,7 @@ def _run(cfg: Config, signals: _Signals) -> int:
             _write_text(trainer.workdir / "eval.json", json.dumps(
                 {"test_accuracy": test_acc, "test_loss": test_loss, "step": step, "images": trainer.test_data.n}))
         if cfg.run.export_torch and trainer.primary:
-            import torch_bridge
-
-            torch_bridge.save(trainer.final_model(), cfg.run.export_torch)
+            zoo_model.export(trainer.final_model(), cfg.run.export_torch, trainer.input_norm)
         return 0
     trainer.log(f"{'resuming at step ' + str(step) if resumed else 'training'}: {trainer.total_steps} steps "
                 f"({cfg.optim.epochs} epochs x {trainer.steps_per_epoch}), {trainer.num_params} params, "
