@@ -281,6 +281,7 @@ class XceptionAligned(nnx.Module):
         self.num_classes = _checks.positive_int("num_classes", num_classes, minimum=0)
         self.in_chans = _checks.positive_int("in_chans", in_chans)
         self.output_stride = output_stride
+        self.model_name = f"timm:{arch}"
         self.drop_rate = _checks.number("drop_rate", drop_rate, low=0.0, high=1.0)
         self.drop_path_rate = _checks.number("drop_path_rate", drop_path_rate, low=0.0, high=1.0)
         eps = ARCHS[arch]["eps"]
@@ -302,6 +303,9 @@ class XceptionAligned(nnx.Module):
                                                              reduction=plan[-1].reduction)]
         self._taps = tuple(b.tap for b in plan)
         self.num_features = plan[-1].out_chs[-1]
+        self.config = dict(num_classes=self.num_classes, in_chans=self.in_chans,
+                           output_stride=output_stride, drop_rate=self.drop_rate,
+                           drop_path_rate=self.drop_path_rate)
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate,
                                    param_dtype=param_dtype, rngs=rngs)
 
@@ -335,23 +339,20 @@ class XceptionAligned(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.forward_features(x))
 
-    @property
-    def model_name(self) -> str:
-        return f"timm:{self.arch}"
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return dict(num_classes=self.num_classes, in_chans=self.in_chans,
-                    output_stride=self.output_stride, drop_rate=self.drop_rate,
-                    drop_path_rate=self.drop_path_rate)
 
 
 def _builder(arch: str):
-    def build(*, rngs: nnx.Rngs, **kwargs: Any) -> XceptionAligned:
-        return XceptionAligned(arch, rngs=rngs, **kwargs)
+    def build(*, rngs: nnx.Rngs, num_classes: int = 1000, in_chans: int = 3, output_stride: int = 32,
+              drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
+              dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+              impl: str = "auto") -> XceptionAligned:
+        return XceptionAligned(arch, num_classes=num_classes, in_chans=in_chans,
+                               output_stride=output_stride, drop_rate=drop_rate,
+                               drop_path_rate=drop_path_rate, global_pool=global_pool, dtype=dtype,
+                               param_dtype=param_dtype, impl=impl, rngs=rngs)
 
     build.__name__ = arch
-    build.__doc__ = f"timm ``{arch}`` (:class:`XceptionAligned`) with timm's keyword arguments."
+    build.__doc__ = f"``timm.create_model('{arch}', **kwargs)`` in JAX (:class:`XceptionAligned`)."
     return register_model(f"timm:{arch}")(build)
 
 
