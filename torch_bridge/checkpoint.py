@@ -38,6 +38,7 @@ from torch_bridge.convert import (
 )
 from torch_bridge.errors import CheckpointError
 from torch_bridge.spec import is_jax, spec_for_name
+from torch_bridge.zoo._family import family_for_name, is_zoo_name
 
 FORMAT = "jaxdsc"
 FORMAT_VERSION = 1
@@ -66,6 +67,14 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def check_class_name(name: str) -> None:
+    """A class name of :mod:`torch_bridge.spec` or a zoo model name the bridge serves (else ValueError)."""
+    if is_zoo_name(name):
+        family_for_name(name)
+    else:
+        spec_for_name(name)
+
+
 # ---------------------------------------------------------------- writing
 def save(module: Any, path: str | os.PathLike[str]) -> Path:
     """Write a jaxdsc or torch_bridge module to one ``.safetensors`` file, atomically.
@@ -85,7 +94,7 @@ def save(module: Any, path: str | os.PathLike[str]) -> Path:
 def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, Any],
                 state: Mapping[str, np.ndarray]) -> Path:
     """Write a PyTorch-layout state dict with our metadata (class, config, hashes)."""
-    spec_for_name(name)
+    check_class_name(name)
     config_json = json.dumps(dict(config), sort_keys=True)
     hashes = {k: _sha256(v) for k, v in state.items()}
     hashes[CONFIG_HASH_KEY] = hashlib.sha256(config_json.encode()).hexdigest()
@@ -194,7 +203,7 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
         raise _fail(path, f"format_version {version!r} is not supported (this jaxdsc reads <= {FORMAT_VERSION})")
     name = metadata.get("class", "")
     try:
-        spec_for_name(name)
+        check_class_name(name)
         config = json.loads(metadata.get("config", ""))
         hashes = json.loads(metadata.get("sha256", ""))
     except (ValueError, RecursionError) as e:

@@ -20,6 +20,7 @@ from flax import nnx
 import jaxdsc
 from jaxdsc import models
 from torch_bridge import nn as tnn
+from torch_bridge.errors import UnsupportedModelError
 
 try:  # torch is only needed to name its classes; keep the table importable for docs
     from torch import nn as torch_nn
@@ -206,11 +207,16 @@ def spec_for_name(name: str) -> ModuleSpec:
     return _BY_NAME[name]
 
 
+def spec_or_none(module: Any) -> ModuleSpec | None:
+    """The spec of a module instance (exact type match), or None."""
+    return _BY_JAX.get(type(module)) or _BY_TORCH.get(type(module))
+
+
 def spec_for(module: Any) -> ModuleSpec:
     """The spec of a JAX or torch module instance (exact type match: subclasses may add state)."""
     spec = _BY_JAX.get(type(module)) or _BY_TORCH.get(type(module))
     if spec is None:
-        raise TypeError(
+        raise UnsupportedModelError(
             f"no JAX<->PyTorch conversion rule for {type(module).__module__}.{type(module).__name__}; "
             f"supported: {sorted(_BY_NAME)}"
         )

@@ -6,14 +6,20 @@ importable directly.
 """
 
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
+from jaxdsc.models.deeplabv3plus import DeepLabV3Plus
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
 from jaxdsc.models.timm_xception import XceptionAligned
+from jaxdsc.models.torchvision_mobilenetv2 import MobileNetV2
+from jaxdsc.models.torchvision_mobilenetv3 import MobileNetV3
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "BlockSpec",
     "DSCNet",
+    "DeepLabV3Plus",
+    "MobileNetV2",
+    "MobileNetV3",
     "XceptionAligned",
     "block_plan",
     "create",

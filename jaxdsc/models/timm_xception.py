@@ -20,6 +20,7 @@ from flax import nnx
 from jaxdsc import _checks
 from jaxdsc._types import Dtype
 from jaxdsc.conv import Conv, DepthwiseConv, PointwiseConv
+from jaxdsc.models._common import StochasticDepth
 from jaxdsc.models._registry import register_model
 from jaxdsc.norm import BatchNorm
 
@@ -85,29 +86,6 @@ def block_plan(arch: str, output_stride: int = 32) -> list[BlockCfg]:
                              start_with_relu=cfg["preact"] or not is_last, tap=tap,
                              reduction=reduction))
     return plan
-
-
-class DropPath(nnx.Module):
-    """Stochastic depth per sample (timm ``DropPath``, ``scale_by_keep=True``); identity in eval.
-
-    Randomness from the ``"dropout"`` stream of the ``rngs`` given at construction
-    (or at call time), as ``nnx.Dropout``.
-    """
-
-    def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
-        self.rate = _checks.number("rate", rate, low=0.0, high=1.0)
-        self.deterministic = False
-        self.rngs = rngs["dropout"].fork() if rngs is not None and rate > 0 else None
-
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        if self.deterministic or self.rate == 0.0:
-            return x
-        stream = rngs["dropout"] if rngs is not None else self.rngs
-        if stream is None:
-            raise ValueError("DropPath in training mode needs rngs with a 'dropout' stream")
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(stream(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return x * (mask.astype(x.dtype) / keep if keep > 0 else mask.astype(x.dtype))
 
 
 class ConvNormAct(nnx.Module):
@@ -218,7 +196,8 @@ class XceptionModule(nnx.Module):
                                              rngs=rngs))
             cin = cout
         self.stack = Stack(convs, relu_first=b.start_with_relu and not preact)
-        self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
+        # timm's DropPath (per sample, survivors scaled by 1 / keep) is torchvision's "row" mode.
+        self.drop_path = StochasticDepth(drop_path, "row", rngs=rngs) if drop_path > 0 else None
 
     def forward_with_tap(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Block output and the input of its last separable conv (timm's feature tap)."""
