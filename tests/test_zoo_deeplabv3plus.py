@@ -95,11 +95,13 @@ def test_structure_and_rates():
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="output_stride=16 but backbone 'torchvision:mobilenet_v2'"):
-        jaxdsc.models.create("jaxdsc:deeplabv3plus", rngs=nnx.Rngs(0), backbone="torchvision:mobilenet_v2",
-                             backbone_kwargs=MBV2, output_stride=16)
+        nnx.eval_shape(lambda: jaxdsc.models.create(
+            "jaxdsc:deeplabv3plus", rngs=nnx.Rngs(0), backbone="torchvision:mobilenet_v2",
+            backbone_kwargs=MBV2, output_stride=16))
     with pytest.raises(ValueError, match="output_stride=16 but backbone 'torchvision:mobilenet_v2'"):
         DeepLabV3Plus("torchvision:mobilenet_v2", MBV2, output_stride=16)
     with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32"):
         aspp_rates(4)
     with pytest.raises(ValueError, match="unknown model name"):
-        jaxdsc.models.create("jaxdsc:deeplabv3plus", rngs=nnx.Rngs(0), backbone="timm:xception66")
+        nnx.eval_shape(lambda: jaxdsc.models.create("jaxdsc:deeplabv3plus", rngs=nnx.Rngs(0),
+                                                    backbone="timm:xception66"))
