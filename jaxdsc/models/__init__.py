@@ -9,15 +9,20 @@ from jaxdsc.models._registry import create, get_builder, list_models, register_m
 from jaxdsc.models.deeplabv3plus import DeepLabV3Plus
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
 from jaxdsc.models.timm_xception import XceptionAligned
+from jaxdsc.models.torchvision_efficientnet import EfficientNet
 from jaxdsc.models.torchvision_mobilenetv2 import MobileNetV2
 from jaxdsc.models.torchvision_mobilenetv3 import MobileNetV3
+from jaxdsc.models.torchvision_segmentation import LRASPP, DeepLabV3
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "LRASPP",
     "BlockSpec",
     "DSCNet",
+    "DeepLabV3",
     "DeepLabV3Plus",
+    "EfficientNet",
     "MobileNetV2",
     "MobileNetV3",
     "XceptionAligned",

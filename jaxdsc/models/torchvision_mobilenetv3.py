@@ -119,6 +119,25 @@ class InvertedResidual(nnx.Module):
         return y + x if self.use_res_connect else y
 
 
+def feature_layers(plan: list[BlockConfig], lay: Layers) -> tuple[list[nnx.Module], list[int]]:
+    """The items of torchvision's ``MobileNetV3.features`` (stem, blocks, 1x1 head) and their strides."""
+    bn = dict(eps=BN_EPS, momentum=BN_MOMENTUM)
+    feats: list[nnx.Module] = [lay.conv_norm_act(3, plan[0].input_channels, 3, 2, act="hardswish", **bn)]
+    strides = [2]
+    for cnf in plan:
+        feats.append(InvertedResidual(cnf, layers=lay))
+        strides.append(feats[-1].stride)
+    feats.append(lay.conv_norm_act(plan[-1].out_channels, 6 * plan[-1].out_channels, 1, act="hardswish", **bn))
+    strides.append(1)
+    return feats, strides
+
+
+def stage_indices(plan: list[BlockConfig]) -> list[int]:
+    """torchvision's ``stage_indices`` of the segmentation builders: the stem, every block
+    whose configured stride is 2 (``_is_cn``, also when dilation replaces it), the head."""
+    return [0] + [i + 1 for i, cnf in enumerate(plan) if cnf.stride > 1] + [len(plan) + 1]
+
+
 class MobileNetV3(nnx.Module):
     """MobileNetV3 (Howard et al. 2019) as ``torchvision.models.MobileNetV3``.
 
@@ -148,15 +167,8 @@ class MobileNetV3(nnx.Module):
                        "num_classes": num_classes, "dropout": dropout}
         lay = Layers(rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=impl)
         plan, last_channel = block_plan(arch, width_mult, reduced_tail, dilated)
-        bn = dict(eps=BN_EPS, momentum=BN_MOMENTUM)
-        feats: list[nnx.Module] = [lay.conv_norm_act(3, plan[0].input_channels, 3, 2, act="hardswish", **bn)]
-        strides = [2]
-        for cnf in plan:
-            feats.append(InvertedResidual(cnf, layers=lay))
-            strides.append(feats[-1].stride)
+        feats, strides = feature_layers(plan, lay)
         head = 6 * plan[-1].out_channels
-        feats.append(lay.conv_norm_act(plan[-1].out_channels, head, 1, act="hardswish", **bn))
-        strides.append(1)
         self.features = FeatureSequential(feats, strides)
         self.classifier = Sequential([lay.linear(head, last_channel), activation("hardswish"),
                                       lay.dropout(dropout), lay.linear(last_channel, num_classes)])

@@ -23,6 +23,8 @@ from torch_bridge.errors import UnsupportedModelError
 
 FAMILY_MODULES: tuple[str, ...] = (
     "torch_bridge.zoo.torchvision_mobilenet",
+    "torch_bridge.zoo.torchvision_efficientnet",
+    "torch_bridge.zoo.torchvision_segmentation",
     "torch_bridge.zoo.timm_xception",
     "torch_bridge.zoo.deeplabv3plus",
 )
