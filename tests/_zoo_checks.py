@@ -163,9 +163,11 @@ def check_train(torch_model: torch.nn.Module, jax_model: nnx.Module, x: np.ndarr
     # A parameter whose gradient is zero in exact arithmetic (the shift of a BatchNorm feeding
     # another train-mode BatchNorm) holds roundoff noise; scale each tensor's error by its own
     # largest gradient, but at least GRAD_FLOOR of the largest parameter gradient.
-    floor = GRAD_FLOOR * max(float(np.abs(p.grad.numpy()).max()) for p in torch_model.parameters())
-    for name, p in torch_model.named_parameters():
-        g_t = p.grad.numpy().astype(np.float64)
+    # An unused parameter (a backbone's classifier inside DeepLabV3+) has no torch grad: zero.
+    torch_grads = {n: np.zeros(tuple(p.shape)) if p.grad is None else p.grad.numpy().astype(np.float64)
+                   for n, p in torch_model.named_parameters()}
+    floor = GRAD_FLOOR * max(float(np.abs(g).max()) for g in torch_grads.values())
+    for name, g_t in torch_grads.items():
         scale = max(float(np.abs(g_t).max()), floor)
         worst_grad = max(worst_grad, float(np.abs(np.asarray(grads[name], np.float64) - g_t).max()) / scale)
     errs["grad:params"], errs["running_stats"] = worst_grad, _check_running_stats(torch_model, jax_model)

@@ -424,6 +424,8 @@ class DSCNet(nn.Module):
 
 
 # Model modules of their own; they import the layers above, so they come last.
+# The DeepLabV3+ twin (upstream backbone + our head) lives in its own module.
+from torch_bridge.nn_deeplab import DeepLabV3Plus  # noqa: E402, F401
 from torch_bridge.nn_tcn import (  # noqa: E402, F401
     TCN,
     CausalConv,

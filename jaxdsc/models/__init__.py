@@ -6,6 +6,7 @@ importable directly.
 """
 
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
+from jaxdsc.models.deeplabv3plus import DeepLabV3Plus
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
 from jaxdsc.models.tcn import (
     TCN,
@@ -16,6 +17,7 @@ from jaxdsc.models.tcn import (
     WeightNormPointwiseConv,
 )
 from jaxdsc.models.timm_efficientnet import TimmEfficientNet, TimmMobileNetV3
+from jaxdsc.models.timm_xception import XceptionAligned
 from jaxdsc.models.torchvision_efficientnet import EfficientNet
 from jaxdsc.models.torchvision_mobilenetv2 import MobileNetV2
 from jaxdsc.models.torchvision_mobilenetv3 import MobileNetV3
@@ -31,6 +33,7 @@ __all__ = [
     "CausalConv",
     "DSCNet",
     "DeepLabV3",
+    "DeepLabV3Plus",
     "EfficientNet",
     "MobileNetV2",
     "MobileNetV3",
@@ -41,6 +44,7 @@ __all__ = [
     "WeightNormConv",
     "WeightNormDepthwiseConv",
     "WeightNormPointwiseConv",
+    "XceptionAligned",
     "block_plan",
     "create",
     "get_builder",

@@ -26,6 +26,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "torch_bridge.zoo.torchvision_efficientnet",
     "torch_bridge.zoo.torchvision_segmentation",
     "torch_bridge.zoo.timm_efficientnet",
+    "torch_bridge.zoo.timm_xception",
+    "torch_bridge.zoo.deeplabv3plus",
 )
 """Modules that register families when imported (one per family file)."""
 
