@@ -153,7 +153,7 @@ def torch_fns(tm: torch.nn.Module, x: np.ndarray, labels: np.ndarray,
         loss = ce(model(xt), yt)
         loss.backward()
         opt.step()
-        return loss
+        return loss.detach()
 
     return {"eval": forward, "train": step}
 
