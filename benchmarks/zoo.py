@@ -22,7 +22,7 @@ is reported. Torch threads: ``--threads`` (default: the number of cores). Figure
 (batch / median time); ratio = jaxdsc / torch images/s (> 1: jaxdsc faster). Usage::
 
     python benchmarks/zoo.py --json /tmp/zoo.json                 # full (minutes; quiet CPU)
-    python benchmarks/zoo.py --models torchvision:mobilenet_v2 --batch 2 --size 32 --rounds 1
+    python benchmarks/zoo.py --models torchvision:mobilenet_v2 --batch 2 --size 32 --rounds 1 --loss-rtol 0.05
 """
 
 from __future__ import annotations
