@@ -5,7 +5,8 @@ values and gradients of both against float64):
 
 * ``"xla"``: :func:`batch_norm_train` (two-pass variance, closed-form VJP)
   followed by ``jax.nn.relu``: XLA fusions, any backend and float dtype.
-* ``"native"``: the C++ kernels of :mod:`jaxdsc.ops.native` (CPU, float32):
+* ``"native"``: C++ kernels (CPU, float32; the ``"batchnorm"`` family of the
+  library :mod:`jaxdsc.ops.native` loads, registered by this module):
   statistics in one read of ``x`` (two-pass per cached chunk of rows, chunks
   merged in double), normalise + ReLU in one more pass; the backward is two
   passes with the ReLU mask recomputed from ``x``. XLA's fusions of the same
@@ -13,8 +14,12 @@ values and gradients of both against float64):
   training step (BENCHMARKS.md). Higher-order derivatives use the ``"xla"``
   formulas for the derivative terms (values stay native).
 
-``"auto"`` picks ``"native"`` on CPU for float32 inputs of at least
-:data:`NATIVE_MIN_ELEMENTS` values, else ``"xla"``.
+``"auto"`` picks ``"native"`` in the CPU branch of the program for float32
+inputs of at least :data:`NATIVE_MIN_ELEMENTS` values, else ``"xla"``
+(:mod:`jaxdsc.ops._select`). Under a batch-sharded ``jit`` the native calls
+run per shard: the statistics and the backward's reductions are per-shard
+sums all-reduced over the devices (computed with the ``"xla"`` formulas on
+each shard, :mod:`jaxdsc.ops._partition`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from jaxdsc.ops._select import native_or_xla
+from jaxdsc.ops import native
+from jaxdsc.ops._partition import BATCH, SUM, batch_op
+from jaxdsc.ops._select import native_or_xla, on_platforms, platform_of_default_backend, with_policy
 
 BN_IMPLS = ("xla", "native")
+FAMILY = "batchnorm"
+TARGETS = ("jaxdsc_bn_forward", "jaxdsc_bn_backward")
 
 # "auto" uses the native kernels from this many values on: below it the call
 # and thread hand-off cost more than XLA's fusions of a tiny tensor.
@@ -112,14 +122,67 @@ def _attrs(epsilon: float, relu: bool) -> dict[str, np.generic]:
     return {"epsilon": np.float32(epsilon), "relu": np.int32(bool(relu))}
 
 
+def _sharded_forward(epsilon: float, relu: bool):
+    """Per-shard forward: statistics as all-reduced per-shard sums (two-pass variance)."""
+
+    def per_shard(axes, x2, scale, bias):
+        n = x2.shape[0] * lax.psum(1, axes)
+        mean = lax.psum(jnp.sum(x2, axis=0), axes) / n
+        d = x2 - mean
+        var = lax.psum(jnp.sum(d * d, axis=0), axes) / n
+        y = d * (lax.rsqrt(var + epsilon) * scale) + bias
+        return (jax.nn.relu(y) if relu else y), mean, var
+
+    return per_shard
+
+
+def _sharded_backward(epsilon: float, relu: bool):
+    """Per-shard backward: the closed form with all-reduced per-channel sums."""
+
+    def per_shard(axes, x2, gy, scale, bias, mean, var, g_mean, g_var):
+        n = x2.shape[0] * lax.psum(1, axes)
+        rstd = lax.rsqrt(var + epsilon)
+        xhat = (x2 - mean) * rstd
+        dz = jnp.where(xhat * scale + bias > 0, gy, 0.0) if relu else gy
+        dbias = lax.psum(jnp.sum(dz, axis=0), axes)
+        dscale = lax.psum(jnp.sum(dz * xhat, axis=0), axes)
+        a = scale * rstd
+        dx = a * dz + (g_mean - a * dbias) / n + ((2 * g_var / rstd - a * dscale) / n) * xhat
+        return dx, dscale, dbias
+
+    return per_shard
+
+
+@functools.lru_cache(maxsize=64)
+def _kernels(epsilon: float, relu: bool):
+    """The forward and backward FFI calls for one (epsilon, relu), with their per-shard forms."""
+
+    def fwd(x2, scale, bias):
+        return tuple(
+            jax.ffi.ffi_call("jaxdsc_bn_forward", _out_shapes(x2), vmap_method="sequential")(
+                x2, scale, bias, **_attrs(epsilon, relu)
+            )
+        )
+
+    def bwd(x2, gy, scale, bias, mean, var, g_mean, g_var):
+        return tuple(
+            jax.ffi.ffi_call("jaxdsc_bn_backward", _out_shapes(x2), vmap_method="sequential")(
+                x2, gy, scale, bias, mean, var, g_mean, g_var, **_attrs(epsilon, relu)
+            )
+        )
+
+    return (
+        batch_op(fwd, batched=(True, False, False), outputs=(BATCH, SUM, SUM),
+                 per_shard=_sharded_forward(epsilon, relu)),
+        batch_op(bwd, batched=(True, True, False, False, False, False, False, False),
+                 outputs=(BATCH, SUM, SUM), per_shard=_sharded_backward(epsilon, relu)),
+    )
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def native_forward(x2, scale, bias, epsilon: float, relu: bool):
     """``(y, mean, var)`` of ``x2`` ``(M, C)`` float32 by the native kernel."""
-    return tuple(
-        jax.ffi.ffi_call("jaxdsc_bn_forward", _out_shapes(x2), vmap_method="sequential")(
-            x2, scale, bias, **_attrs(epsilon, relu)
-        )
-    )
+    return tuple(_kernels(epsilon, relu)[0](x2, scale, bias))
 
 
 @native_forward.defjvp
@@ -131,11 +194,7 @@ def _native_forward_jvp(epsilon, relu, primals, tangents):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9))
 def native_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon: float, relu: bool):
     """``(dx, dscale, dbias)``: the VJP of :func:`native_forward` for cotangents ``gy, g_mean, g_var``."""
-    return tuple(
-        jax.ffi.ffi_call("jaxdsc_bn_backward", _out_shapes(x2), vmap_method="sequential")(
-            x2, gy, scale, bias, mean, var, g_mean, g_var, **_attrs(epsilon, relu)
-        )
-    )
+    return tuple(_kernels(epsilon, relu)[1](x2, gy, scale, bias, mean, var, g_mean, g_var))
 
 
 @native_backward.defjvp
@@ -163,29 +222,24 @@ def _native_bn_bwd(epsilon, relu, res, cotangents):
 _native_bn.defvjp(_native_bn_fwd, _native_bn_bwd)
 
 
-def self_check() -> bool:
-    """Both native targets on a small odd case (C = 19, M = 37) against numpy (run at load).
+def self_check() -> str:
+    """Both native targets on a small odd case (C = 19, M = 37) against numpy; "" if they agree.
 
-    Called by :func:`jaxdsc.ops.native.available`; False withholds ``"native"``.
+    Run once by :mod:`jaxdsc.ops.native` on first use; a failure withholds ``"native"``.
     """
     rng = np.random.default_rng(2)
     x = rng.standard_normal((37, 19)).astype(np.float32)
     scale, bias = (rng.standard_normal(19).astype(np.float32) for _ in range(2))
     gy, gm, gv = (rng.standard_normal(s).astype(np.float32) for s in ((37, 19), 19, 19))
-    try:
-        with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-            y, mean, var = (np.asarray(v) for v in native_forward(x, scale, bias, 1e-3, False))
-            dx, dscale, dbias = (
-                np.asarray(v)
-                for v in native_backward(x, gy, scale, bias, mean, var, gm, gv, 1e-3, False)
-            )
-    except Exception:  # any failure here means "do not use native batch norm"
-        return False
+    y, mean, var = (np.asarray(v) for v in native_forward(x, scale, bias, 1e-3, False))
+    dx, dscale, dbias = (
+        np.asarray(v) for v in native_backward(x, gy, scale, bias, mean, var, gm, gv, 1e-3, False)
+    )
     m, v = x.mean(0), x.var(0)
     xhat = (x - m) / np.sqrt(v + 1e-3)
     a = scale / np.sqrt(v + 1e-3)
     dx_ref = a * (gy - gy.mean(0) - xhat * (gy * xhat).mean(0)) + gm / 37 + gv * 2 * (x - m) / 37
-    return all(
+    ok = all(
         got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
         for got, ref in (
             (y, xhat * scale + bias),
@@ -196,38 +250,59 @@ def self_check() -> bool:
             (dbias, gy.sum(0)),
         )
     )
+    return "" if ok else "a target disagrees with the numpy reference"
+
+
+native.register_family(FAMILY, TARGETS, self_check)
+
+
+def native_available() -> bool:
+    """True when the native batch-norm kernels are built, loaded and self-checked."""
+    return native.available(FAMILY)
 
 
 # ---------------------------------------------------------------- entry --
 
 
 def _native_supports(x: jax.Array, scale: jax.Array, bias: jax.Array) -> bool:
-    from jaxdsc.ops import native
-
     return (
-        jax.default_backend() == "cpu"
-        and x.ndim >= 1
+        x.ndim >= 1
         and all(jnp.dtype(a.dtype) == jnp.float32 for a in (x, scale, bias))
         and x.size >= 1
-        and native.batch_norm_available()
+        and native_available()
     )
 
 
 def select_batch_norm_impl(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, impl: str = "auto"
+    x: jax.Array, scale: jax.Array, bias: jax.Array, impl: str = "auto", *, platform: str | None = None
 ) -> str:
-    """Name of the implementation ``impl`` resolves to for these operands."""
+    """Name of the implementation ``impl`` resolves to for these operands.
+
+    ``platform``: ``"cpu"`` or ``"default"`` (other platforms); None: that of
+    ``jax.default_backend()``. The active :func:`jaxdsc.ops.impl_policy` applies.
+    """
     return native_or_xla(
-        impl,
+        with_policy("batchnorm", impl),
         BN_IMPLS,
         supported=lambda: _native_supports(x, scale, bias),
         large=x.size >= NATIVE_MIN_ELEMENTS,
         requirement=lambda: (
-            "impl='native' needs the CPU backend, the native library "
-            "(jaxdsc.ops.native.batch_norm_available()) and float32 x, scale and bias; "
+            "impl='native' needs the native library "
+            "(jaxdsc.ops.native.available('batchnorm')) and float32 x, scale and bias (CPU only); "
             f"got x {x.dtype}, scale {scale.dtype}, bias {bias.dtype}"
         ),
+        platform=platform or platform_of_default_backend(),
     )
+
+
+def _xla_bn(x, scale, bias, epsilon, relu):
+    y, mean, var = batch_norm_train(x, scale, bias, epsilon)
+    return (jax.nn.relu(y) if relu else y), mean, var
+
+
+def _native_bn_nd(x, scale, bias, epsilon, relu):
+    y, mean, var = _native_bn(x.reshape(-1, x.shape[-1]), scale, bias, float(epsilon), bool(relu))
+    return y.reshape(x.shape), mean, var
 
 
 def batch_norm_act_train(
@@ -250,8 +325,12 @@ def batch_norm_act_train(
             "x must be (N, ..., C) with scale and bias of shape (C,), got "
             f"x {x.shape}, scale {scale.shape}, bias {bias.shape}"
         )
-    if select_batch_norm_impl(x, scale, bias, impl) == "xla":
-        y, mean, var = batch_norm_train(x, scale, bias, epsilon)
-        return (jax.nn.relu(y) if relu else y), mean, var
-    y, mean, var = _native_bn(x.reshape(-1, x.shape[-1]), scale, bias, float(epsilon), bool(relu))
-    return y.reshape(x.shape), mean, var
+    fns = {"xla": _xla_bn, "native": _native_bn_nd}
+    if with_policy("batchnorm", impl) != "auto":
+        name = select_batch_norm_impl(x, scale, bias, impl)
+        return fns[name](x, scale, bias, epsilon, relu)
+    return on_platforms(
+        (x, scale, bias),
+        lambda p: select_batch_norm_impl(x, scale, bias, "auto", platform=p),
+        lambda name, _: functools.partial(fns[name], epsilon=epsilon, relu=relu),
+    )

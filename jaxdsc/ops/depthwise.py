@@ -3,24 +3,28 @@
 ``depthwise_conv`` is the one entry point. It dispatches to an implementation
 by name; every implementation computes the same function as the reference
 ``"xla"`` path, a single ``lax.conv_general_dilated`` with
-``feature_group_count=C`` and ``rhs_dilation``. ``impl="auto"`` picks the
-fastest registered implementation that supports the backend and the call.
+``feature_group_count=C`` and ``rhs_dilation``. ``impl="auto"`` picks, per
+platform inside the program (:mod:`jaxdsc.ops._select`), the fastest
+registered implementation that lists the platform in its ``auto_backends``
+and supports the call; the active :func:`jaxdsc.ops.impl_policy` applies first.
 
-Registered here: ``"xla"`` (reference; the ``"auto"`` choice on GPU/TPU).
+Registered here: ``"xla"`` (reference; the ``"auto"`` choice off CPU).
 :mod:`jaxdsc.ops.shift` adds ``"shift"`` (pure JAX) and
-:mod:`jaxdsc.ops.native` adds ``"native"`` (C++ kernel through ``jax.ffi``,
-only when its shared library loads); both are ``"auto"`` candidates on CPU,
-where XLA's grouped convolution is 50-110x slower than PyTorch.
+:mod:`jaxdsc.ops.native_depthwise` adds ``"native"`` (C++ kernel through
+``jax.ffi``, when its shared library is there); both are ``"auto"``
+candidates on CPU, where XLA's grouped convolution is 50-110x slower than PyTorch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxdsc.ops._select import on_platforms, with_policy
 
 Pairs = Sequence[tuple[int, int]]
 
@@ -209,5 +213,12 @@ def depthwise_conv(
       bfloat16/float16 inputs).
     """
     call = make_call(x, kernel, strides=strides, padding=padding, dilation=dilation)
-    name = select_impl(call, impl)
-    return IMPLS[name].fn(x, kernel, call, precision)
+    impl = with_policy("depthwise", impl)
+    if impl != "auto":
+        return IMPLS[select_impl(call, impl)].fn(x, kernel, call, precision)
+    calls = {p: replace(call, backend=p) for p in ("cpu", "default")}
+
+    def run(name: str, platform: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        return lambda x, kernel: IMPLS[name].fn(x, kernel, calls[platform], precision)
+
+    return on_platforms((x, kernel), lambda p: select_impl(calls[p], "auto"), run)
