@@ -34,7 +34,7 @@ from jax import lax
 
 from jaxdsc.ops import native
 from jaxdsc.ops._partition import BATCH, SUM, batch_op
-from jaxdsc.ops._select import native_or_xla, on_platforms, platform_of_default_backend, with_policy
+from jaxdsc.ops._select import native_or_xla, platform_of_default_backend, with_policy
 
 BN_IMPLS = ("xla", "native")
 FAMILY = "batchnorm"
@@ -222,6 +222,39 @@ def _native_bn_bwd(epsilon, relu, res, cotangents):
 _native_bn.defvjp(_native_bn_fwd, _native_bn_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _auto_bn(x2, scale, bias, epsilon, relu):
+    """Native kernels in the CPU branch of the program, the ``"xla"`` formulas elsewhere.
+
+    The platform choice sits inside the VJP rules (both branches keep the same
+    residuals), so differentiation never goes through ``lax.platform_dependent``
+    (linearising and transposing a cond made tracing several times slower).
+    """
+    return _auto_bn_fwd(x2, scale, bias, epsilon, relu)[0]
+
+
+def _auto_bn_fwd(x2, scale, bias, epsilon, relu):
+    y, mean, var = lax.platform_dependent(
+        x2, scale, bias,
+        cpu=lambda *a: native_forward(*a, epsilon, relu),
+        default=lambda *a: _reference_forward(*a, epsilon, relu),
+    )
+    return (y, mean, var), (x2, scale, bias, mean, var)
+
+
+def _auto_bn_bwd(epsilon, relu, res, cotangents):
+    x2, scale, bias, mean, var = res
+    gy, g_mean, g_var = cotangents
+    return lax.platform_dependent(
+        x2, gy, scale, bias, mean, var, g_mean, g_var,
+        cpu=lambda *a: native_backward(*a, epsilon, relu),
+        default=lambda *a: _reference_backward(*a, epsilon, relu),
+    )
+
+
+_auto_bn.defvjp(_auto_bn_fwd, _auto_bn_bwd)
+
+
 def self_check() -> str:
     """Both native targets on a small odd case (C = 19, M = 37) against numpy; "" if they agree.
 
@@ -329,8 +362,9 @@ def batch_norm_act_train(
     if with_policy("batchnorm", impl) != "auto":
         name = select_batch_norm_impl(x, scale, bias, impl)
         return fns[name](x, scale, bias, epsilon, relu)
-    return on_platforms(
-        (x, scale, bias),
-        lambda p: select_batch_norm_impl(x, scale, bias, "auto", platform=p),
-        lambda name, _: functools.partial(fns[name], epsilon=epsilon, relu=relu),
-    )
+    cpu, other = (select_batch_norm_impl(x, scale, bias, platform=p) for p in ("cpu", "default"))
+    if cpu == other:
+        return fns[cpu](x, scale, bias, epsilon, relu)
+    # CPU native, elsewhere xla (other never picks native).
+    y, mean, var = _auto_bn(x.reshape(-1, x.shape[-1]), scale, bias, float(epsilon), bool(relu))
+    return y.reshape(x.shape), mean, var

@@ -120,13 +120,18 @@ def kernels(call: DepthwiseCall) -> tuple:
     )
 
 
-@functools.lru_cache(maxsize=512)
-def family(call: DepthwiseCall) -> Family:
-    """Differentiable (any order) native ops for one static geometry."""
+def family_kernels(call: DepthwiseCall) -> tuple:
+    """``make_family``'s arguments: the fused backward only at stride 1."""
     fwd, dx, dw, both = kernels(call)
     # Fused backward: 1.15-1.4x faster than separate kernels at stride 1,
     # slower at stride 2 (short rows, fewer taps share each g load).
-    return make_family(fwd, dx, dw, both if max(call.strides) == 1 else None)
+    return fwd, dx, dw, (both if max(call.strides) == 1 else None)
+
+
+@functools.lru_cache(maxsize=512)
+def family(call: DepthwiseCall) -> Family:
+    """Differentiable (any order) native ops for one static geometry."""
+    return make_family(*family_kernels(call))
 
 
 def native_conv(x: jax.Array, kernel: jax.Array, call: DepthwiseCall, precision=None) -> jax.Array:
@@ -188,4 +193,5 @@ def supports(call: DepthwiseCall) -> bool:
 
 native.register_family(FAMILY, TARGETS, self_check)
 if native.library_present():
-    register_impl("native", Impl(fn=native_conv, supports=supports, priority=20, auto_backends=("cpu",)))
+    register_impl("native", Impl(fn=native_conv, supports=supports, priority=20, auto_backends=("cpu",),
+                                 kernels=family_kernels))

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxdsc.ops import native
 from jaxdsc.ops._partition import BATCH, SUM, batch_op
@@ -73,10 +74,6 @@ _pw_grad_kernel_bias = batch_op(_ffi_pw_grad_kernel_bias, batched=(True, True), 
 _pw_grad_all = batch_op(_ffi_pw_grad_all, batched=(True, True, False), outputs=(BATCH, SUM, SUM))
 
 
-def _pw_forward_nobias(x: jax.Array, w: jax.Array) -> jax.Array:
-    return _pw_forward(x, w, jnp.zeros((w.shape[1],), x.dtype))
-
-
 class _PwOps(NamedTuple):
     conv: Callable  # (x2, w) -> y2
     affine: Callable  # (x2, w, b) -> y2 + b
@@ -87,9 +84,59 @@ class _PwOps(NamedTuple):
 PW_FUSED_BACKWARD = True
 
 
-@functools.lru_cache(maxsize=2)
-def _pw_ops(fused: bool) -> _PwOps:
-    """Differentiable (any order) native pointwise ops on 2-D views."""
+class _Raw(NamedTuple):
+    """Raw kernels on 2-D views: the native calls, XLA's, or a per-platform choice of the two."""
+
+    forward: Callable  # (x, w, b) -> x w + b
+    grad_input: Callable  # (g, w) -> g w^T
+    grad_kernel_bias: Callable  # (x, g) -> (x^T g, colsum g)
+    grad_all: Callable  # (x, g, w) -> (g w^T, x^T g, colsum g)
+
+
+_NATIVE = _Raw(_pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all)
+
+
+@functools.lru_cache(maxsize=16)
+def _xla_raw(precision) -> _Raw:
+    def dot(a, b, contract):
+        acc = jnp.float32 if a.dtype in (jnp.bfloat16, jnp.float16) else None
+        return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                               preferred_element_type=acc).astype(a.dtype)
+
+    def grad_kernel_bias(x, g):
+        return dot(x, g, ((0,), (0,))), jnp.sum(g.astype(jnp.float32), axis=0).astype(x.dtype)
+
+    return _Raw(
+        lambda x, w, b: (dot(x, w, ((1,), (0,))) + b).astype(x.dtype),
+        lambda g, w: dot(g, w, ((1,), (1,))),
+        grad_kernel_bias,
+        lambda x, g, w: (dot(g, w, ((1,), (1,))), *grad_kernel_bias(x, g)),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _platform_raw(precision) -> _Raw:
+    """Native kernels in the CPU branch of the program, XLA's elsewhere.
+
+    The choice sits in the kernels the VJP rules call, so differentiation never
+    goes through a cond (linearising and transposing one made tracing slower).
+    """
+    xla = _xla_raw(precision)
+
+    def pd(f, g):
+        return lambda *args: lax.platform_dependent(*args, cpu=f, default=g)
+
+    return _Raw(*(pd(a, b) for a, b in zip(_NATIVE, xla, strict=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _pw_ops(fused: bool, raw: _Raw = _NATIVE) -> _PwOps:
+    """Differentiable (any order) pointwise ops on 2-D views from the ``raw`` kernels."""
+    _pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all = raw
+
+    def _pw_forward_nobias(x, w):
+        return _pw_forward(x, w, jnp.zeros((w.shape[1],), x.dtype))
+
     fam = make_family(
         _pw_forward_nobias,
         _pw_grad_input,
@@ -157,9 +204,14 @@ def pointwise_supports(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) 
     )
 
 
-def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """``impl="native"`` pointwise conv: ``x (..., K) . kernel (K, N) + bias (N,)``."""
-    ops = _pw_ops(PW_FUSED_BACKWARD)
+def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+                   portable: bool = False, precision: lax.PrecisionLike = None) -> jax.Array:
+    """``impl="native"`` pointwise conv: ``x (..., K) . kernel (K, N) + bias (N,)``.
+
+    ``portable``: native in the CPU branch of the program only, ``dot_general``
+    with ``precision`` on other platforms (what ``impl="auto"`` runs).
+    """
+    ops = _pw_ops(PW_FUSED_BACKWARD, _platform_raw(precision) if portable else _NATIVE)
     x2 = x.reshape(-1, x.shape[-1])
     y2 = ops.conv(x2, kernel) if bias is None else ops.affine(x2, kernel, bias)
     return y2.reshape(*x.shape[:-1], kernel.shape[-1])

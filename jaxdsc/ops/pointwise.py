@@ -106,6 +106,9 @@ def pointwise_conv(
     }
     if with_policy("pointwise", impl) != "auto":
         return fns[select_pointwise_impl(x, kernel, bias, impl)](x, kernel, bias)
+    cpu, other = (select_pointwise_impl(x, kernel, bias, platform=p) for p in ("cpu", "default"))
+    if (cpu, other) == ("native", "xla"):
+        return native_pointwise.pointwise_conv(x, kernel, bias, portable=True, precision=precision)
     return on_platforms(
         (x, kernel, bias),
         lambda p: select_pointwise_impl(x, kernel, bias, platform=p),
