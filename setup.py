@@ -6,14 +6,24 @@ extension. It is built by ``pip install [-e] .`` with the system C++ compiler
 (``jax.ffi.include_dir()``; jaxlib is a build requirement in pyproject.toml).
 The extension is optional: if jaxlib's headers are missing or the compiler
 fails, installation still succeeds and jaxdsc falls back to its pure-JAX
-kernels. It is a plain shared library (loaded with
-ctypes, never imported).
+kernels, but says so: a warning here (pip shows it with ``-v``), the reason
+written to ``jaxdsc/_native_build.txt``, and a warning naming it when the
+kernels are first wanted. The library records the XLA FFI API version and the
+jaxlib it was built against (``csrc/build_info.cc``); jaxdsc refuses it under a
+jaxlib with another FFI API. Any C++17 compiler works: ``CC=clang
+CXX=clang++ pip install .``. It is a plain shared library (loaded with ctypes,
+never imported). See docs/native-build.md.
 """
 
+import importlib.metadata
 import importlib.util
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+FAILURE_RECORD = "_native_build.txt"  # read by jaxdsc/ops/_build.py
 
 
 def _ffi_include_dir() -> str | None:
@@ -25,6 +35,13 @@ def _ffi_include_dir() -> str | None:
     return str(include) if (include / "xla" / "ffi" / "api" / "ffi.h").is_file() else None
 
 
+def _jaxlib_version() -> str:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 FFI_INCLUDE = _ffi_include_dir()
 
 dwconv = Extension(
@@ -34,11 +51,14 @@ dwconv = Extension(
         "csrc/dwconv_generic.cc",
         "csrc/dwconv_avx2.cc",
         "csrc/dwconv_avx512.cc",
+        "csrc/build_info.cc",
     ],
     include_dirs=["csrc"],
+    define_macros=[("JAXDSC_JAXLIB_VERSION", f'"{_jaxlib_version()}"')],
     depends=[
         "csrc/chan_merge.h",
         "csrc/dwconv.h",
+        "csrc/ffi_binding.h",
         "csrc/dwconv_kernels.inc",
         "csrc/dwconv_common.inc",
         "csrc/dwconv_rows.inc",
@@ -55,7 +75,7 @@ dwconv = Extension(
     extra_compile_args=[
         "-std=c++17",
         # XLA's headers as system headers: their warnings are not ours.
-        f"-isystem{FFI_INCLUDE}",
+        *([f"-isystem{FFI_INCLUDE}"] if FFI_INCLUDE else []),
         "-O3",
         "-fvisibility=hidden",
         # FMA contraction: ISO mode (-std=c++17) turns it off otherwise.
@@ -64,9 +84,35 @@ dwconv = Extension(
         "-Wno-unused-function",
     ],
     extra_link_args=["-pthread"],
-    optional=True,
 )
 
-if FFI_INCLUDE is None:
-    print("jaxdsc: jaxlib's XLA FFI headers not found; skipping the native kernel")
-setup(ext_modules=[dwconv] if FFI_INCLUDE else [])
+
+class BuildNative(build_ext):
+    """Builds the library if it can; otherwise warns, naming why, and records the reason."""
+
+    def build_extension(self, ext: Extension) -> None:
+        record = Path(self.get_ext_fullpath(ext.name)).parent / FAILURE_RECORD
+        if FFI_INCLUDE is None:
+            reason = "jaxlib's XLA FFI headers were not found (jaxlib >= 0.4.31 must be installed when building)"
+        else:
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # any compiler or linker failure: the library is optional
+                compiler = " ".join(getattr(self.compiler, "compiler_so", ["?"])[:1])
+                reason = f"compiling csrc/ with {compiler} failed ({err}); the compiler's messages are above"
+            else:
+                record.unlink(missing_ok=True)
+                return
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(reason + "\n")
+        bar = "=" * 78
+        print(
+            f"{bar}\nWARNING: jaxdsc's native CPU kernels were NOT built: {reason}.\n"
+            "jaxdsc still works, with its pure-JAX kernels (slower on CPU). Retry with\n"
+            "python setup.py build_ext --inplace (any C++17 compiler: CC=clang CXX=clang++ works).\n"
+            f"{bar}",
+            file=sys.stderr,
+        )
+
+
+setup(ext_modules=[dwconv], cmdclass={"build_ext": BuildNative})

@@ -108,7 +108,6 @@ class JaxTrainer:
         self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(graph_eval), mesh)
 
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        batch = {**batch, "poison": np.float32(0.0)}
         self.state, metrics = self.train_step(self.state, batch)
         return steps.to_host(metrics)
 

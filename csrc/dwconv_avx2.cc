@@ -5,7 +5,13 @@
 #include <immintrin.h>  // before the pragma: library code stays baseline ISA
 #include <cstring>
 
+// GCC takes the ISA for the rest of the file from a pragma; clang ignores that
+// pragma and takes the same target attribute on every function defined until the pop.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC target("avx2,fma")
+#endif
 #define DWCONV_NS avx2
 #define DWCONV_VL 8
 #define DWCONV_STREAM(p, v) _mm256_stream_ps(p, v)
@@ -20,4 +26,7 @@ const KernelTable kAvx2Kernels = {"avx2", avx2::scratch_bytes, avx2::forward, av
     avx2::pw_plan, avx2::pw_scratch_bytes, avx2::pw_forward, avx2::pw_grad_kernel,
     avx2::bn::stats, avx2::bn::apply, avx2::bn::grad_sums, avx2::bn::grad_apply};
 }  // namespace jaxdsc_dw
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
 #endif

@@ -10,6 +10,7 @@
 // dtypes: all float32, or all bfloat16 (accumulation is float32 either way).
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -26,6 +27,7 @@
 
 #include "chan_merge.h"
 #include "dwconv.h"
+#include "ffi_binding.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -299,99 +301,27 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
 }  // namespace
 }  // namespace jaxdsc_dw
 
-// The depthwise geometry attributes, last in every depthwise binding.
-#define JAXDSC_GEOM_ATTRS                       \
-  Attr<ffi::Span<const int64_t>>("strides")     \
-      .Attr<ffi::Span<const int64_t>>("dilation") \
-      .Attr<ffi::Span<const int64_t>>("pad_lo")
-
-#define JAXDSC_BINDING        \
-  ffi::Ffi::Bind()            \
-      .Ctx<ffi::ThreadPool>() \
-      .Arg<ffi::AnyBuffer>()  \
-      .Arg<ffi::AnyBuffer>()  \
-      .Ret<ffi::AnyBuffer>()  \
-      .JAXDSC_GEOM_ATTRS
+// The FFI targets, one line each (binding from the handler's signature: ffi_binding.h).
+namespace jaxdsc_dw {
+// The depthwise geometry attributes, last in every depthwise handler.
+inline constexpr std::array<const char*, 3> kGeomAttrs{"strides", "dilation", "pad_lo"};
+inline constexpr std::array<const char*, 2> kBnAttrs{"epsilon", "relu"};
+using jaxdsc_ffi::kNoAttrs;
+}  // namespace jaxdsc_dw
 
 // The library is built with -fvisibility=hidden; only these symbols are exported.
 #pragma GCC visibility push(default)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_dw_forward, jaxdsc_dw::Forward, JAXDSC_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_dw_grad_input, jaxdsc_dw::GradInput, JAXDSC_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_dw_grad_kernel, jaxdsc_dw::GradKernel, JAXDSC_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_dw_grad_both, jaxdsc_dw::GradBoth,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .JAXDSC_GEOM_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_forward, jaxdsc_dw::PwForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_grad_input, jaxdsc_dw::PwGradInput,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_grad_kernel, jaxdsc_dw::PwGradKernel,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_pw_grad_all, jaxdsc_dw::PwGradAll,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_sep_forward, jaxdsc_dw::SepForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .JAXDSC_GEOM_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_bn_forward, jaxdsc_dw::BnForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int32_t>("relu"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxdsc_bn_backward, jaxdsc_dw::BnBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int32_t>("relu"));
+JAXDSC_FFI_TARGET(jaxdsc_dw_forward, jaxdsc_dw::Forward, jaxdsc_dw::kGeomAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_dw_grad_input, jaxdsc_dw::GradInput, jaxdsc_dw::kGeomAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_dw_grad_kernel, jaxdsc_dw::GradKernel, jaxdsc_dw::kGeomAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_dw_grad_both, jaxdsc_dw::GradBoth, jaxdsc_dw::kGeomAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_pw_forward, jaxdsc_dw::PwForward, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_pw_grad_input, jaxdsc_dw::PwGradInput, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_pw_grad_kernel, jaxdsc_dw::PwGradKernel, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_pw_grad_all, jaxdsc_dw::PwGradAll, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_sep_forward, jaxdsc_dw::SepForward, jaxdsc_dw::kGeomAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_bn_forward, jaxdsc_dw::BnForward, jaxdsc_dw::kBnAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_bn_backward, jaxdsc_dw::BnBackward, jaxdsc_dw::kBnAttrs);
 #pragma GCC visibility pop
 
 // Introspection and override for tests and benchmarks (called through ctypes).

@@ -141,12 +141,16 @@ class DepthwiseConv(nnx.Module):
         x, pairs = pad_input(x, self.padding, self.kernel_size, self.strides, self.kernel_dilation)
         return x, pairs, dtype
 
+    def _kernel(self) -> jax.Array:
+        """The kernel the forward uses (a reparametrisation, e.g. weight norm, overrides this)."""
+        return self.kernel[...]
+
     def __call__(self, x: jax.Array) -> jax.Array:
         x, pairs, dtype = self._prepare(x)
         bias = self.bias[...] if self.bias is not None else None
         y = depthwise_conv(
             x.astype(dtype),
-            self.kernel[...].astype(dtype),
+            self._kernel().astype(dtype),
             strides=self.strides,
             padding=pairs,
             dilation=self.kernel_dilation,
@@ -202,6 +206,10 @@ class PointwiseConv(nnx.Module):
             else None
         )
 
+    def _kernel(self) -> jax.Array:
+        """The kernel the forward uses (a reparametrisation, e.g. weight norm, overrides this)."""
+        return self.kernel[...]
+
     def __call__(self, x: jax.Array) -> jax.Array:
         check_float_input(x)
         _checks.input_layout(
@@ -211,7 +219,7 @@ class PointwiseConv(nnx.Module):
         dtype = _compute_dtype(self.dtype, x, self.kernel[...], bias)
         return pointwise_conv(
             x.astype(dtype),
-            self.kernel[...].astype(dtype),
+            self._kernel().astype(dtype),
             None if bias is None else bias.astype(dtype),
             precision=self.precision,
             impl=op_impl("pointwise", self.impl),
@@ -367,6 +375,10 @@ class Conv(nnx.Module):
             else None
         )
 
+    def _kernel(self) -> jax.Array:
+        """The kernel the forward uses (a reparametrisation, e.g. weight norm, overrides this)."""
+        return self.kernel[...]
+
     def __call__(self, x: jax.Array) -> jax.Array:
         check_float_input(x)
         rank = len(self.kernel_size)
@@ -375,7 +387,7 @@ class Conv(nnx.Module):
         dtype = _compute_dtype(self.dtype, x, self.kernel[...], bias)
         x, pairs = pad_input(x, self.padding, self.kernel_size, self.strides, self.kernel_dilation)
         y = dense_conv(
-            x.astype(dtype), self.kernel[...].astype(dtype), strides=self.strides, padding=pairs,
+            x.astype(dtype), self._kernel().astype(dtype), strides=self.strides, padding=pairs,
             dilation=self.kernel_dilation, precision=self.precision, impl=op_impl("dense", self.impl),
         )
         if bias is not None:

@@ -19,6 +19,7 @@ Tolerances used throughout (relative to ``max |reference|``):
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -192,6 +193,34 @@ def skip_unsupported(impl: str, module: jaxdsc.DepthwiseConv, x: Any) -> None:
 
 def impl_supported(impl: str, module: jaxdsc.DepthwiseConv, x: Any) -> bool:
     return impl == "auto" or IMPLS[impl].supports(depthwise_call(module, x))
+
+
+# ---------------------------------------------------------------- native guard
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """``JAXDSC_REQUIRE_NATIVE=1`` (CI): no working native kernels fails the run, naming why.
+
+    Without it the native tests skip where the library is missing (a source
+    checkout without a compiler), which would let a broken build pass CI.
+    """
+    if os.environ.get("JAXDSC_REQUIRE_NATIVE", "0") in ("", "0"):
+        return
+    import jaxdsc.ops  # noqa: F401  (every kernel family registers itself with the loader)
+    from jaxdsc.ops import native
+
+    families = {
+        "depthwise": "depthwise",
+        "pointwise": "pointwise",
+        "batch norm": "batchnorm",
+        "fused separable": "separable",
+    }
+    missing = [name for name, family in families.items() if not native.available(family)]
+    if missing:
+        why = (native.unavailable_reason(families[missing[0]])
+               or "failed their self-check or are missing from this build")
+        pytest.exit(
+            f"JAXDSC_REQUIRE_NATIVE is set but the native {', '.join(missing)} kernels are unavailable: {why}",
+            returncode=1,
+        )
 
 
 # ---------------------------------------------------------------- fixtures

@@ -258,10 +258,10 @@ def test_schedules_and_clipping():
 
 
 # ---------------------------------------------------------------- the jitted step
-def test_train_step_skips_nonfinite_batches_and_traces_once():
+def test_train_step_skips_nonfinite_batches_and_traces_once(monkeypatch):
     from jax.sharding import Mesh
 
-    from train import steps
+    from train import faults, steps
     from train.config import ModelConfig
     from train.model import build
 
@@ -271,12 +271,15 @@ def test_train_step_skips_nonfinite_batches_and_traces_once():
     fn = steps.make_train_step(graph_train, tx, lr, num_classes=10, label_smoothing=0.1, crop_padding=4,
                                flip=True, ema_decay=0.9)
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    train_step, _ = steps.jit_steps(fn, steps.make_eval_step(graph_eval), mesh)
+    monkeypatch.setattr(faults, "_FAULTS", ())
+    assert faults.wrap_train_step(fn) is fn  # no fault requested: the production step, untouched
+    monkeypatch.setattr(faults, "_FAULTS", faults.parse("nan@2"))
+    train_step, _ = steps.jit_steps(faults.wrap_train_step(fn), steps.make_eval_step(graph_eval), mesh)
     before = steps.TRACES["train_step"]
     state = steps.create_state(params, stats, consts, tx, mesh, seed=0, ema=True)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     batch = lambda poison: {"image": images, "label": np.arange(8, dtype=np.int32),  # noqa: E731
-                            "poison": np.float32(poison)}
+                            "poison": np.full(8, poison, np.float32)}
     state, m = train_step(state, batch(0.0))
     assert int(m["finite"]) == 1 and int(state.step) == 1
     snapshot = jax.device_get(state)
@@ -290,3 +293,56 @@ def test_train_step_skips_nonfinite_batches_and_traces_once():
     assert int(m["finite"]) == 1
     assert not np.array_equal(snapshot.params["head"]["kernel"], state.params["head"]["kernel"])
     assert steps.TRACES["train_step"] - before == 1
+
+
+# ---------------------------------------------------------------- data order
+def _reference_order(seed: int, epoch: int, n: int) -> list[int]:
+    """epoch_order's definition in plain Python integers (no NumPy): the order must not depend on NumPy."""
+    mask = (1 << 64) - 1
+
+    def mix(x: int) -> int:
+        z = (x + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    key = mix(mix(seed & mask) ^ (epoch & mask))
+    return sorted(range(n), key=lambda i: (mix(key ^ i), i))
+
+
+@pytest.mark.parametrize(("seed", "epoch", "n"), [(0, 0, 1), (0, 0, 50), (7, 3, 257), (-1, 12, 100), (2**40, 0, 64)])
+def test_epoch_order_is_its_integer_definition(seed, epoch, n):
+    from train.feed import epoch_order
+
+    order = epoch_order(seed, epoch, n)
+    assert order.dtype == np.int32 and sorted(order.tolist()) == list(range(n))
+    assert order.tolist() == _reference_order(seed, epoch, n)
+
+
+def test_epoch_orders_differ_and_look_uniform():
+    from train.feed import epoch_order
+
+    orders = np.stack([epoch_order(0, e, 10) for e in range(3000)])
+    assert len({o.tobytes() for o in orders[:50]}) == 50  # every epoch shuffles anew
+    assert not np.array_equal(epoch_order(1, 0, 100), epoch_order(0, 0, 100))
+    # Where index 0 lands over 3000 epochs: 300 expected per position; a 5-sigma band (~±82)
+    # catches a biased shuffle, a fixed point or a rotation.
+    counts = np.bincount(np.argmax(orders == 0, axis=1), minlength=10)
+    assert np.all(np.abs(counts - 300) < 82), counts
+
+
+def test_resume_refuses_checkpoints_from_another_data_order(tmp_path, monkeypatch, capsys):
+    from train import cli, feed
+    from train.testing import write_cifar10
+
+    data = write_cifar10(tmp_path / "d", 64, 32)
+    args = ["--preset", "tiny", "--data-dir", str(data), "--workdir", str(tmp_path / "w"), "--no-progress",
+            "--no-plot", "--train-limit", "0", "--test-limit", "0", "--batch-size", "32", "--epochs", "1"]
+    assert cli.main(args) == 0
+    meta_path = next((tmp_path / "w" / "checkpoints").glob("step_*")) / "meta.json"
+    assert json.loads(meta_path.read_text())["data_order"] == feed.ORDER
+    monkeypatch.setattr(feed, "ORDER", "some-future-order")
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "trained with data order 'splitmix64-argsort-v1'; this trainer uses 'some-future-order'" in err

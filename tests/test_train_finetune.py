@@ -92,21 +92,51 @@ def test_bad_init_sources_give_one_line(pretrained, tmp_path, kind, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_converter_exports_a_trainer_workdir(finetuned, tmp_path, capsys):
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_trainer_exports_its_workdir(finetuned, tmp_path, capsys, suffix):
+    import torch
+
+    out = tmp_path / f"exported{suffix}"
+    assert cli.main(["export", str(finetuned), str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (")
+    want = torch_bridge.read(finetuned / "out.safetensors")  # what --export-torch wrote at the end of the run
+    if suffix == ".safetensors":
+        got = torch_bridge.read(out)
+        assert got.name == "DSCNet" and got.config == want.config
+        tensors = got.tensors
+    else:
+        tensors = {k: v.numpy() for k, v in torch.load(out, weights_only=True).items()}
+    assert tensors.keys() == want.tensors.keys()
+    for k in tensors:
+        np.testing.assert_array_equal(tensors[k], want.tensors[k], err_msg=k)
+    # an existing output needs --force; --force overwrites
+    assert cli.main(["export", str(finetuned), str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert cli.main(["export", str(finetuned), str(out), "--force"]) == 0
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["{empty}", "{tmp}/x.safetensors"], "no jaxdsc-train checkpoint"),
+    (["{tmp}/missing", "{tmp}/x.safetensors"], "is not a directory"),
+    (["{w}", "{tmp}/x.onnx"], "unknown output type '.onnx'"),
+    (["{w}"], "the following arguments are required: OUT"),
+])
+def test_export_errors_are_one_line(finetuned, tmp_path, capsys, argv, match):
+    (tmp_path / "empty").mkdir()
+    fill = {"empty": tmp_path / "empty", "tmp": tmp_path, "w": finetuned}
+    assert cli.main(["export", *(a.format(**fill) for a in argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and err.startswith("jaxdsc-train")
+
+
+def test_converter_points_old_workdir_command_lines_to_the_trainer(finetuned, tmp_path, capsys):
     from torch_bridge import cli as convert_cli
 
     out = tmp_path / "exported.safetensors"
-    assert convert_cli.main([str(finetuned), "-o", str(out)]) == 0
-    got, want = torch_bridge.read(out), torch_bridge.read(finetuned / "out.safetensors")
-    assert got.name == "DSCNet" and got.config == want.config
-    assert got.tensors.keys() == want.tensors.keys()
-    for k in got.tensors:
-        np.testing.assert_array_equal(got.tensors[k], want.tensors[k], err_msg=k)
-    (tmp_path / "empty").mkdir()
-    capsys.readouterr()
-    assert convert_cli.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert convert_cli.main([str(finetuned), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "without jaxdsc-train checkpoints" in err and "\n" not in err
+    assert f"run: jaxdsc-train export {finetuned} OUT.safetensors" in err and "\n" not in err
+    assert not out.exists()
 
 
 def test_relative_workdir_and_init_from(pretrained, finetuned, tmp_path, monkeypatch):

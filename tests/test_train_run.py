@@ -185,6 +185,27 @@ def test_nan_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypat
     assert int(arrays["skipped"]) == 1 and int(arrays["step"]) == 6
 
 
+def test_logged_lr_is_the_applied_one_after_skipped_steps(data_dir, tmp_path, monkeypatch):
+    # Skipped steps do not advance the optimizer's schedule (its count lives in the optimizer
+    # state, which a skipped step keeps); the logged learning rate must follow that count.
+    from train.optim import schedule
+
+    monkeypatch.setattr(faults, "_FAULTS", faults.parse("nan@2-3"))
+    workdir = tmp_path / "lr"
+    args = [*base_args(data_dir, workdir), "--schedule", "onecycle", "--warmup-epochs", "1"]
+    assert cli.main(args) == 0
+    cfg, _ = cli.parse(args)
+    lr_fn = schedule(cfg.optim, cfg.optim.lr, 8)
+    arrays, _ = read_arrays(workdir)
+    counts = {int(v) for k, v in arrays.items() if k.startswith("opt_state") and k.endswith(".count")}
+    assert counts == {16 - 2}  # the optimizer applied 14 updates in 16 steps
+    records = read_jsonl(workdir / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [2, 2]
+    for r in records:  # the last update of each epoch was update number step - 2
+        assert r["lr"] == pytest.approx(float(lr_fn(r["step"] - 2 - 1)), rel=1e-6)
+        assert r["lr"] != pytest.approx(float(lr_fn(r["step"] - 1)), rel=1e-6)  # the old, step-based value
+
+
 def test_sigterm_during_a_bad_streak_keeps_counting_it(data_dir, tmp_path, monkeypatch, capsys):
     """A preemption in the middle of a run of non-finite steps does not reset the count."""
     workdir = tmp_path / "nan_sigterm"

@@ -7,7 +7,8 @@ format version and a SHA-256 of every tensor's bytes.
 
 Reading never unpickles and never executes anything from the file: our own
 parser reads the safetensors header (JSON) and the raw tensor bytes, checks
-every size, offset, key, shape, dtype and hash, and raises
+every size, offset, key, shape, dtype and hash (the tensors must tile the
+data region exactly, as the reference parser requires), and raises
 :class:`CheckpointError` naming the file and the problem. Plain PyTorch
 ``.pt``/``.pth``/``.bin``/``.ckpt`` state dicts are read only with
 ``torch.load(weights_only=True)``.
@@ -38,6 +39,7 @@ from torch_bridge.convert import (
 )
 from torch_bridge.errors import CheckpointError
 from torch_bridge.spec import is_jax, spec_for_name
+from torch_bridge.zoo._family import family_for_name, is_zoo_name
 
 FORMAT = "jaxdsc"
 FORMAT_VERSION = 1
@@ -66,6 +68,14 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def check_class_name(name: str) -> None:
+    """A class name of :mod:`torch_bridge.spec` or a zoo model name the bridge serves (else ValueError)."""
+    if is_zoo_name(name):
+        family_for_name(name)
+    else:
+        spec_for_name(name)
+
+
 # ---------------------------------------------------------------- writing
 def save(module: Any, path: str | os.PathLike[str]) -> Path:
     """Write a jaxdsc or torch_bridge module to one ``.safetensors`` file, atomically.
@@ -83,9 +93,13 @@ def save(module: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, Any],
-                state: Mapping[str, np.ndarray]) -> Path:
-    """Write a PyTorch-layout state dict with our metadata (class, config, hashes)."""
-    spec_for_name(name)
+                state: Mapping[str, np.ndarray], extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a PyTorch-layout state dict with our metadata (class, config, hashes).
+
+    ``extra_metadata``: more string entries for the header (e.g. the trainer's ``input_mean``);
+    they may not replace ours.
+    """
+    check_class_name(name)
     config_json = json.dumps(dict(config), sort_keys=True)
     hashes = {k: _sha256(v) for k, v in state.items()}
     hashes[CONFIG_HASH_KEY] = hashlib.sha256(config_json.encode()).hexdigest()
@@ -96,6 +110,10 @@ def write_state(path: str | os.PathLike[str], name: str, config: Mapping[str, An
         "config": config_json,
         "sha256": json.dumps(hashes, sort_keys=True),
     }
+    for key, value in (extra_metadata or {}).items():
+        if key in metadata or not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"extra_metadata[{key!r}]: expected a new str key with a str value, got {value!r}")
+        metadata[key] = value
     return atomic_write_bytes(path, serialize(state, metadata))
 
 
@@ -156,7 +174,28 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
     tensors: dict[str, np.ndarray] = {}
     for key, info in header.items():
         tensors[key] = _tensor(path, key, info, data)
+    _check_tiling(path, header, len(data))
     return tensors, metadata
+
+
+def _check_tiling(path: Path, header: dict[str, Any], size: int) -> None:
+    """The tensors' byte ranges must tile the data region: no gap, no overlap, no trailing bytes.
+
+    The same rule as the reference parser (the safetensors crate's ``Metadata::validate`` and its
+    "file not fully covered" check): ranges sorted by (start, end) begin where the previous one
+    ended, from 0, and the last ends at the end of the file. So no two tensors share bytes and no
+    bytes hide in the file unaccounted for.
+    """
+    end = 0
+    for (start, stop), key in sorted((tuple(info["data_offsets"]), key) for key, info in header.items()):
+        if start != end:
+            what = "overlaps the previous tensor" if start < end else f"leaves a gap of {start - end} bytes"
+            raise _fail(path, f"tensor {key!r} at data offsets [{start}, {stop}] {what} (expected it to start at "
+                              f"{end}; the tensors must cover the data region contiguously)")
+        end = stop
+    if end != size:
+        raise _fail(path, f"the tensors cover {end} of the {size} bytes of the data region ({size - end} bytes "
+                          "are not part of any tensor)")
 
 
 def _tensor(path: Path, key: str, info: Any, data: memoryview) -> np.ndarray:
@@ -194,7 +233,7 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
         raise _fail(path, f"format_version {version!r} is not supported (this jaxdsc reads <= {FORMAT_VERSION})")
     name = metadata.get("class", "")
     try:
-        spec_for_name(name)
+        check_class_name(name)
         config = json.loads(metadata.get("config", ""))
         hashes = json.loads(metadata.get("sha256", ""))
     except (ValueError, RecursionError) as e:

@@ -51,17 +51,18 @@ from torch_bridge.convert import (
     expected_torch_entries,
     float_dtype,
     module_config,
-    torch_state_dict,
     validate_state,
 )
 from torch_bridge.errors import CheckpointError
 from torch_bridge.spec import SPECS, spec_for_name
+from torch_bridge.zoo import family_for_name, is_zoo_name
 
 PROG = "jaxdsc-convert"
 EXIT_OK = 0
 EXIT_ERROR = 2
 SAFETENSORS = ".safetensors"
 OUTPUT_SUFFIXES = (SAFETENSORS, *TORCH_PICKLE_SUFFIXES)
+WORKDIR_EXPORT = "jaxdsc-train export {dir} OUT.safetensors"
 
 
 class UsageError(Exception):
@@ -98,10 +99,10 @@ def _jaxdsc_checkpoint(path: Path, args: argparse.Namespace) -> Loaded | None:
     _, metadata = read_safetensors(path)  # validates the container; raises CheckpointError
     if metadata.get("format") != FORMAT:
         return None  # a plain safetensors state dict: the next source
-    if args.class_name is not None or args.config is not None:
+    if args.class_name is not None or args.config is not None or args.arch is not None:
         raise UsageError(
             f"{path} is a jaxdsc checkpoint that records its own class and config; "
-            "drop --class/--config (they are for plain PyTorch state dicts)"
+            "drop --class/--config and --arch (they are for plain PyTorch state dicts)"
         )
     ckpt = read(path)  # format, class, config, SHA-256s, shapes, dtypes
     return Loaded(ckpt.name, ckpt.config, ckpt.tensors, f"jaxdsc checkpoint v{ckpt.metadata['format_version']}")
@@ -110,6 +111,8 @@ def _jaxdsc_checkpoint(path: Path, args: argparse.Namespace) -> Loaded | None:
 def _plain_state_dict(path: Path, args: argparse.Namespace) -> Loaded | None:
     if not path.is_file() or path.suffix not in OUTPUT_SUFFIXES:  # the same suffixes are readable
         return None
+    if args.arch is not None:
+        return _upstream_state_dict(path, args)
     if args.class_name is None or args.config is None:
         missing = " and ".join(n for n, v in (("--class", args.class_name), ("--config", args.config)) if v is None)
         raise UsageError(
@@ -122,34 +125,27 @@ def _plain_state_dict(path: Path, args: argparse.Namespace) -> Loaded | None:
     return Loaded(args.class_name, _parse_config(args.config, args.class_name), tensors, kind)
 
 
-def _trainer_checkpoint(path: Path, args: argparse.Namespace) -> Loaded | None:
-    # A jaxdsc-train workdir, its checkpoints/ or one step_* dir (orbax, no pickle): its
-    # newest checkpoint, EMA weights when the run kept them, as the trainer's --init-from reads it.
-    if not path.is_dir():
-        return None
+def _upstream_state_dict(path: Path, args: argparse.Namespace) -> Loaded:
+    # --arch: a plain upstream (torchvision / timm) state dict as the hubs publish it; --config
+    # holds the upstream constructor's arguments (default: the constructor's defaults).
+    if args.class_name is not None:
+        raise UsageError("--arch and --class are exclusive (--arch: zoo architectures, --class: jaxdsc modules)")
+    if not is_zoo_name(args.arch):
+        raise UsageError(f"--arch must name a zoo architecture 'origin:model' (e.g. torchvision:mobilenet_v2), "
+                         f"got {args.arch!r}")
     try:
-        from train.checkpointing import PREFIX
-        from train.config import ConfigError, ModelConfig
-        from train.model import _from_workdir
-    except ImportError:  # the train extra is not installed
-        return None
-    if not any(p.name.startswith(PREFIX) for root in (path, path / "checkpoints") if root.is_dir()
-               for p in root.iterdir()) and not path.name.startswith(PREFIX):
-        return None
-    if args.class_name is not None or args.config is not None:
-        raise UsageError(f"{path} is a jaxdsc-train checkpoint that records its own config; drop --class/--config")
-    try:
-        model = _from_workdir(ModelConfig(), path, seed=0)
-    except (ConfigError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
-    name, config = module_config(model)
-    return Loaded(name, config, torch_state_dict(model), "jaxdsc-train checkpoint")
+        family_for_name(args.arch)
+    except ValueError as e:
+        raise UsageError(f"--arch: {e}") from None
+    config = _parse_config(args.config, args.arch) if args.config is not None else {}
+    tensors, stripped = strip_wrapper_prefixes(read_state_dict(path))
+    kind = "plain upstream state dict" + (f" (stripped the wrapper prefix {stripped!r})" if stripped else "")
+    return Loaded(args.arch, config, tensors, kind)
 
 
 SOURCES: list[Source] = [
     Source("jaxdsc checkpoint", _jaxdsc_checkpoint),
     Source("plain PyTorch state dict", _plain_state_dict),
-    Source("jaxdsc-train checkpoint", _trainer_checkpoint),
 ]
 
 
@@ -157,13 +153,13 @@ def open_source(path: Path, args: argparse.Namespace) -> Loaded:
     """The first source that recognises ``path``."""
     if not path.exists():
         raise UsageError(f"{path}: no such file")
+    if path.is_dir():  # jaxdsc-train workdirs were accepted here once; the trainer exports them now
+        raise UsageError(f"{path} is a directory; {PROG} converts files. To export a jaxdsc-train workdir "
+                         f"run: {WORKDIR_EXPORT.format(dir=path)}")
     for source in SOURCES:
         loaded = source.open(path, args)
         if loaded is not None:
             return loaded
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory without jaxdsc-train checkpoints; expected one, or a "
-                         ".safetensors, .pt, .pth, .bin or .ckpt file")
     raise UsageError(f"{path}: unknown input type {path.suffix!r}; expected .safetensors, .pt, .pth, .bin or .ckpt")
 
 
@@ -183,6 +179,8 @@ def _parse_config(text: str, class_name: str) -> dict[str, Any]:
         raise UsageError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{where} must be a JSON object of constructor arguments, got {type(config).__name__}")
+    if is_zoo_name(class_name):  # --arch: upstream argument names, checked by the constructor
+        return config
     try:
         spec = spec_for_name(class_name)
     except ValueError as e:
@@ -305,8 +303,12 @@ examples:
   {PROG} model.pt --class DSCNet --config '{{"width": 32, "depth": 2}}' -o model.safetensors
   {PROG} weights.safetensors --class SeparableConv --config @config.json -o conv.safetensors
 
-  # a jaxdsc-train run (its newest checkpoint) -> a file for PyTorch users
-  jaxdsc-convert runs/cifar10 -o model.safetensors
+  # a torchvision / timm state dict (as the hubs publish it) -> a jaxdsc checkpoint, and back
+  {PROG} mbv2.pth --arch torchvision:mobilenet_v2 --config '{{"width_mult": 0.75}}' -o mbv2.safetensors
+  {PROG} mbv2.safetensors -o mbv2_again.pth
+
+  # a jaxdsc-train run (its newest checkpoint) -> a file for PyTorch users: the trainer does it
+  jaxdsc-train export runs/cifar10 model.safetensors
 
   # a jaxdsc checkpoint -> a plain PyTorch state dict, for
   # twin.load_state_dict(torch.load("model.pt", weights_only=True))
@@ -332,14 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", nargs="?", metavar="SOURCE",
-                        help="input: a jaxdsc .safetensors checkpoint, a jaxdsc-train workdir (its newest "
-                        "checkpoint; EMA weights if kept), or a plain PyTorch state dict "
-                        "(.pt, .pth, .bin, .ckpt or .safetensors) together with --class and --config")
+                        help="input file: a jaxdsc .safetensors checkpoint, or a plain PyTorch state dict "
+                        "(.pt, .pth, .bin, .ckpt or .safetensors) together with --class and --config "
+                        "(a jaxdsc-train workdir: use `jaxdsc-train export WORKDIR OUT`)")
     parser.add_argument("-o", "--output", metavar="OUT",
                         help="output file; its suffix picks the format: .safetensors (jaxdsc checkpoint) "
                         "or .pt/.pth/.bin/.ckpt (plain PyTorch state dict)")
     parser.add_argument("--class", dest="class_name", metavar="NAME",
                         help="module class of a plain state dict (see the list below)")
+    parser.add_argument("--arch", metavar="NAME",
+                        help="zoo architecture of a plain upstream state dict, e.g. torchvision:mobilenet_v2 "
+                        "(--config then takes the upstream constructor's arguments; default: its defaults)")
     parser.add_argument("--config", metavar="JSON|@FILE",
                         help="constructor arguments of a plain state dict, PyTorch names: inline JSON "
                         "or @path/to/config.json")

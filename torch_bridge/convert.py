@@ -21,7 +21,9 @@ import torch
 from flax import nnx
 
 from torch_bridge.errors import CheckpointError
-from torch_bridge.spec import JAX_CONTAINERS, ModuleSpec, spec_for, spec_for_name
+from torch_bridge.spec import JAX_CONTAINERS, ModuleSpec, spec_for, spec_for_name, spec_or_none
+from torch_bridge.zoo import _convert as zoo
+from torch_bridge.zoo._family import is_zoo_name
 
 Entry = tuple[tuple[int, ...], np.dtype]  # expected (shape, dtype) of one torch tensor
 
@@ -51,16 +53,25 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------- walking JAX modules
 def _iter_jax(module: nnx.Module) -> Iterator[tuple[tuple[Any, ...], str, nnx.Module, ModuleSpec]]:
-    """(path, torch-style key prefix, submodule, spec) for every module in the tree."""
+    """(path, torch-style key prefix, submodule, spec) for every module in the tree with a spec.
+
+    Modules without one (containers, activations, pooling, the zoo's composite blocks) hold
+    no tensors of their own; their children are visited, and :func:`_check_covered`
+    refuses any Variable that no rule covers.
+    """
     for path, sub in nnx.iter_modules(module):
-        if isinstance(sub, JAX_CONTAINERS):
-            continue
-        yield tuple(path), "".join(f"{p}." for p in path), sub, spec_for(sub)
+        spec = None if isinstance(sub, JAX_CONTAINERS) else spec_or_none(sub)
+        if spec is not None:
+            yield tuple(path), "".join(f"{p}." for p in path), sub, spec
 
 
 def _check_covered(module: nnx.Module, covered: set[tuple[Any, ...]]) -> None:
-    """Refuse to drop state silently: every Variable must have a tensor rule."""
-    stray = [p for p, _ in nnx.to_flat_state(nnx.state(module)) if tuple(p) not in covered]
+    """Refuse to drop state silently: every Variable must have a tensor rule.
+
+    RNG streams (dropout, stochastic depth) are not model state in PyTorch and are exempt.
+    """
+    stray = [p for p, v in nnx.to_flat_state(nnx.state(module))
+             if tuple(p) not in covered and not isinstance(v, nnx.RngState)]
     if stray:
         names = ", ".join(".".join(map(str, p)) for p in stray[:5])
         raise TypeError(f"no conversion rule covers these variables: {names}")
@@ -137,7 +148,17 @@ def load_torch_state_dict(module: nnx.Module, state: Mapping[str, np.ndarray], *
 
 # ---------------------------------------------------------------- building modules
 def module_config(module: Any) -> tuple[str, dict[str, Any]]:
-    """(class name, constructor kwargs with PyTorch names) of a JAX or torch module."""
+    """(class name, constructor kwargs with PyTorch names) of a JAX or torch module.
+
+    Zoo models: (registered name, upstream kwargs); for an upstream instance they are read
+    from it and checked against the module tree they build.
+    """
+    if zoo.is_zoo_jax(module):
+        return zoo.jax_config(module)
+    if isinstance(module, torch.nn.Module) and spec_or_none(module) is None:
+        found = zoo.torch_config(module)
+        if found is not None:
+            return found
     spec = spec_for(module)
     return spec.name, spec.torch_config(module)
 
@@ -155,6 +176,8 @@ def abstract_jax(name: str, torch_config: Mapping[str, Any], *, param_dtype: Any
 
     ``options`` (e.g. ``impl``, ``dtype``) are passed when the constructor takes them.
     """
+    if is_zoo_name(name):
+        return zoo.abstract_jax(name, torch_config, param_dtype=param_dtype, **options)
     spec = spec_for_name(name)
     kwargs = spec.jax_kwargs(dict(torch_config))
     params = inspect.signature(spec.jax_cls.__init__).parameters
@@ -171,7 +194,19 @@ def abstract_jax(name: str, torch_config: Mapping[str, Any], *, param_dtype: Any
 
 def build_jax(name: str, torch_config: Mapping[str, Any], state: Mapping[str, np.ndarray], *,
               source: str = "state dict", **options: Any) -> nnx.Module:
-    """A JAX module of class ``name`` holding the PyTorch-layout ``state``."""
+    """A JAX module of class ``name`` holding the PyTorch-layout ``state``.
+
+    Zoo models: ``options["rngs"]`` (an ``nnx.Rngs``) seeds their dropout / stochastic-depth
+    streams (default: key 0).
+    """
+    if is_zoo_name(name):
+        rngs = options.pop("rngs", None)
+        with zoo.unsupported_errors():
+            dtype = float_dtype([np.asarray(v).dtype for v in state.values()])
+            module = abstract_jax(name, torch_config, param_dtype=dtype, **options)
+            load_torch_state_dict(module, state, source=source)
+        zoo.fill_rng_state(module, rngs)
+        return module
     dtype = float_dtype([np.asarray(v).dtype for v in state.values()])
     module = abstract_jax(name, torch_config, param_dtype=dtype, **options)
     load_torch_state_dict(module, state, source=source)
@@ -179,7 +214,9 @@ def build_jax(name: str, torch_config: Mapping[str, Any], state: Mapping[str, np
 
 
 def abstract_torch(name: str, torch_config: Mapping[str, Any]) -> torch.nn.Module:
-    """A torch twin on the ``meta`` device (shapes only)."""
+    """A torch twin (or zoo: the upstream model) on the ``meta`` device (shapes only)."""
+    if is_zoo_name(name):
+        return zoo.abstract_torch(name, torch_config)
     spec = spec_for_name(name)
     try:
         with torch.device("meta"):
@@ -191,6 +228,14 @@ def abstract_torch(name: str, torch_config: Mapping[str, Any]) -> torch.nn.Modul
 def build_torch(name: str, torch_config: Mapping[str, Any], state: Mapping[str, np.ndarray], *,
                 source: str = "state dict") -> torch.nn.Module:
     """A torch twin of class ``name`` holding ``state`` (NumPy arrays), validated first."""
+    if is_zoo_name(name):
+        with zoo.unsupported_errors():
+            return _build_torch(name, torch_config, state, source=source)
+    return _build_torch(name, torch_config, state, source=source)
+
+
+def _build_torch(name: str, torch_config: Mapping[str, Any], state: Mapping[str, np.ndarray], *,
+                 source: str) -> torch.nn.Module:
     module = abstract_torch(name, torch_config)
     dtype = float_dtype([np.asarray(v).dtype for v in state.values()])
     if dtype is not None and dtype != np.float32:
@@ -210,14 +255,17 @@ def tensor_to_numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 # ---------------------------------------------------------------- public API
 def _jax_training(module: nnx.Module) -> bool | None:
-    flags = [m.use_running_average for _, m in nnx.iter_modules(module) if hasattr(m, "use_running_average")]
+    # BatchNorm's use_running_average and dropout's deterministic: nnx's .eval() sets both.
+    flags = [getattr(m, a) for _, m in nnx.iter_modules(module)
+             for a in ("use_running_average", "deterministic") if hasattr(m, a)]
     return None if not flags else not all(flags)
 
 
 def to_torch(module: nnx.Module) -> torch.nn.Module:
     """The PyTorch twin of a jaxdsc module, with identical weights and buffers.
 
-    The twin is in eval mode when the JAX module's BatchNorms use running averages.
+    A zoo model (``jaxdsc.models.create("torchvision:...")``) becomes an instance of the
+    upstream class (torchvision / timm must be installed). The twin is in eval mode when the JAX module's BatchNorms use running averages.
     """
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module must be a flax.nnx.Module from jaxdsc, got {type(module).__name__}")
@@ -230,13 +278,16 @@ def to_torch(module: nnx.Module) -> torch.nn.Module:
 
 
 def from_torch(module: torch.nn.Module, **options: Any) -> nnx.Module:
-    """The jaxdsc module twin of a torch_bridge module, with identical weights and buffers.
+    """The jaxdsc module twin of a torch_bridge module or a supported upstream model
+    (torchvision / timm, configuration read from the instance), with identical weights and
+    buffers. Unsupported upstream models raise :class:`~torch_bridge.UnsupportedModelError`.
 
     ``options`` go to the JAX constructor when it takes them (``impl``, ``dtype``,
     ``precision``). The result is in eval mode when ``module`` is.
     """
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module from torch_bridge.nn, got {type(module).__name__}")
+        raise TypeError(f"module must be a torch.nn.Module from torch_bridge.nn or a supported upstream "
+                        f"model, got {type(module).__name__}")
     name, config = module_config(module)
     state = {k: tensor_to_numpy(v) for k, v in module.state_dict().items()}
     twin = build_jax(name, config, state, source=f"{name} (torch)", **options)

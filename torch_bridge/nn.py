@@ -421,3 +421,17 @@ class DSCNet(nn.Module):
         # The head runs in the features' dtype (a bf16 head upcast), as nnx.Linear promotes.
         weight, bias = self.head.weight, self.head.bias
         return F.linear(feats, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype))
+
+
+# Model modules of their own; they import the layers above, so they come last.
+# The DeepLabV3+ twin (upstream backbone + our head) lives in its own module.
+from torch_bridge.nn_deeplab import DeepLabV3Plus  # noqa: E402, F401
+from torch_bridge.nn_tcn import (  # noqa: E402, F401
+    TCN,
+    CausalConv,
+    TemporalBlock,
+    WeightNormConv,
+    WeightNormDepthwiseConv,
+    WeightNormPointwiseConv,
+)
+from torch_bridge.nn_unet import UNet  # noqa: E402, F401

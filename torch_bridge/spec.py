@@ -20,9 +20,11 @@ from flax import nnx
 import jaxdsc
 from jaxdsc import models
 from torch_bridge import nn as tnn
+from torch_bridge.errors import UnsupportedModelError
 
 try:  # torch is only needed to name its classes; keep the table importable for docs
     from torch import nn as torch_nn
+    from torch.nn.utils import parametrize
 except ImportError:  # pragma: no cover - torch is a declared dependency of the bridge
     torch_nn = None  # type: ignore[assignment]
 
@@ -166,6 +168,18 @@ _ACT = Arg("activation", "activation")
 _CONV_TENSORS = (TensorRule("kernel", "weight", CONV), TensorRule("bias", "bias"))
 _PW_TENSORS = (TensorRule("kernel", "weight", POINTWISE), TensorRule("bias", "bias"))
 
+
+def _weight_norm_tensors(layout: Layout) -> tuple[TensorRule, ...]:
+    """torch's ``parametrizations.weight_norm(dim=0)``: ``original0`` is the gain ``g``
+    ``(out, 1, ...)``, ``original1`` the direction ``v``; the JAX gain ``(1, ..., out)`` has
+    the kernel's rank, so both take the kernel's layout."""
+    return (TensorRule("kernel", "parametrizations.weight.original1", layout),
+            TensorRule("gain", "parametrizations.weight.original0", layout), TensorRule("bias", "bias"))
+
+
+_TCN_ARGS = (Arg("kernel_size", "kernel_size"), Arg("separable", "separable"),
+             Arg("weight_norm", "weight_norm"))
+
 SPECS: tuple[ModuleSpec, ...] = (
     ModuleSpec("DepthwiseConv", jaxdsc.DepthwiseConv, tnn.DepthwiseConv,
                (_IN, _K, _DM, _S, _PAD, _D, USE_BIAS), _CONV_TENSORS),
@@ -190,9 +204,26 @@ SPECS: tuple[ModuleSpec, ...] = (
                (_IN, _OUT, _K, _S, _D, _DM, _PAD, _ACT, Arg("residual", "residual"), MOMENTUM, EPSILON)),
     ModuleSpec("ConvBlock", jaxdsc.ConvBlock, tnn.ConvBlock,
                (_IN, _OUT, _K, _S, _D, _PAD, _ACT, MOMENTUM, EPSILON)),
+    ModuleSpec("WeightNormDepthwiseConv", models.WeightNormDepthwiseConv, tnn.WeightNormDepthwiseConv,
+               (_IN, _K, _DM, _S, _PAD, _D, USE_BIAS), _weight_norm_tensors(CONV)),
+    ModuleSpec("WeightNormPointwiseConv", models.WeightNormPointwiseConv, tnn.WeightNormPointwiseConv,
+               (_IN, _OUT, USE_BIAS, Arg("num_spatial_dims", "num_spatial_dims")),
+               _weight_norm_tensors(POINTWISE), rank_attr="num_spatial_dims"),
+    ModuleSpec("WeightNormConv", models.WeightNormConv, tnn.WeightNormConv,
+               (_IN, _OUT, _K, _S, _PAD, _D, USE_BIAS), _weight_norm_tensors(CONV)),
+    ModuleSpec("CausalConv", models.CausalConv, tnn.CausalConv, (_IN, _OUT, *_TCN_ARGS, _D)),
+    ModuleSpec("TemporalBlock", models.TemporalBlock, tnn.TemporalBlock,
+               (_IN, _OUT, *_TCN_ARGS, _D, Arg("gated", "gated"), Arg("dropout", "dropout"))),
+    ModuleSpec("TCN", models.TCN, tnn.TCN,
+               (_IN, _OUT, Arg("channels", "channels"), *_TCN_ARGS, Arg("gated", "gated"),
+                Arg("dropout", "dropout"))),
     ModuleSpec("DSCNet", models.DSCNet, tnn.DSCNet,
                (Arg("num_classes", "num_classes"), Arg("in_features", "in_channels"),
                 Arg("width", "width"), Arg("depth", "depth"), _ACT, MOMENTUM, EPSILON)),
+    ModuleSpec("UNet", models.UNet, tnn.UNet,
+               (Arg("num_classes", "num_classes"), Arg("in_features", "in_channels"),
+                Arg("width", "width"), Arg("depth", "depth"), Arg("dilations", "dilations"),
+                Arg("separable", "separable"), _ACT, MOMENTUM, EPSILON)),
 )
 
 _BY_NAME = {s.name: s for s in SPECS}
@@ -206,11 +237,19 @@ def spec_for_name(name: str) -> ModuleSpec:
     return _BY_NAME[name]
 
 
+def spec_or_none(module: Any) -> ModuleSpec | None:
+    """The spec of a module instance (exact type match), or None."""
+    return _BY_JAX.get(type(module)) or _BY_TORCH.get(type(module))
+
+
 def spec_for(module: Any) -> ModuleSpec:
     """The spec of a JAX or torch module instance (exact type match: subclasses may add state)."""
-    spec = _BY_JAX.get(type(module)) or _BY_TORCH.get(type(module))
+    cls = type(module)
+    if torch_nn is not None and parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]  # torch swaps in a generated subclass for parametrised modules
+    spec = _BY_JAX.get(cls) or _BY_TORCH.get(cls)
     if spec is None:
-        raise TypeError(
+        raise UnsupportedModelError(
             f"no JAX<->PyTorch conversion rule for {type(module).__module__}.{type(module).__name__}; "
             f"supported: {sorted(_BY_NAME)}"
         )

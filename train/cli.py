@@ -2,6 +2,7 @@
 
     python -m train --preset tiny --data-dir data --workdir runs/tiny
     jaxdsc-train --preset cifar10-cpu --workdir runs/c10 --epochs 12 --lr 0.3
+    jaxdsc-train export runs/c10 model.safetensors   # the run's model for PyTorch users (train.export)
 
 Every config field is a flag (``--help`` lists them by section with their
 defaults). ``--preset`` picks the starting config; explicit flags override
@@ -49,14 +50,17 @@ def _add_field(group: argparse._ArgumentGroup, name: str, hint: Any, default: An
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Train jaxdsc's DSCNet on CIFAR-10. Rerunning a command with the "
-                                            "same --workdir resumes it from its newest checkpoint.",
+                                            "same --workdir resumes it from its newest checkpoint. "
+                                            "`jaxdsc-train export WORKDIR OUT.safetensors` writes a run's "
+                                            "model for PyTorch users (see `jaxdsc-train export --help`).",
                      epilog="Environment: JAXDSC_MALLOC=default keeps glibc malloc's defaults (the trainer "
                             "otherwise keeps freed buffers: ~1.8x img/s on CPU, see train/malloc.py); "
                             "JAXDSC_TRAIN_FAULT injects faults for tests (train/faults.py).",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="starting config: tiny (CPU smoke test), cifar10-cpu (~30 min on 2 CPU cores), "
-                             "cifar10 (accelerator, ~94%%); flags override it")
+                             "cifar10 (accelerator, ~94%%); adding, copy, music-jsb, music-nottingham (TCN "
+                             "sequence tasks, docs/sequences.md); flags override it")
     parser.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     defaults = PRESETS["default"]
     for section, cls in SECTIONS.items():
@@ -92,8 +96,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _export(argv: Sequence[str]) -> int:
+    from train.export import main as export_main
+
+    try:
+        print(export_main(argv, PROG, _Parser), flush=True)
+    except SystemExit as e:  # --help, or a usage error already reported in one line
+        return e.code if isinstance(e.code, int) else 2
+    except _user_errors() as e:
+        print(f"{PROG} export: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxdsc-train`` / ``python -m train``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
     cfg, ns = parse(argv)
     if ns.show_config:
         try:

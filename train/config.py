@@ -37,8 +37,15 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
 
+TASKS = ("cifar10", "adding", "copy", "music-jsb", "music-nottingham")
+
+
 @dataclass(frozen=True)
 class DataConfig:
+    task: Literal["cifar10", "adding", "copy", "music-jsb", "music-nottingham"] = _f(
+        "cifar10", "cifar10 (DSCNet), or a TCN paper sequence task (TCN; train/seq_loop.py, docs/sequences.md); "
+                   "music: --data-dir holds JSB_Chorales.mat / Nottingham.mat")
+    seq_length: int = _f(0, "adding: T, copy: blank length (0: the paper's 600 / 1000)")
     data_dir: str = _f("", "CIFAR-10 location: a dir holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
                            "(pickle: trusted data only), the batch dir itself, or the official .tar.gz. "
                            "Empty: the cache dir (default ~/.cache/jaxdsc/cifar10), downloaded there if empty",
@@ -56,7 +63,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: Literal["dscnet"] = _f("dscnet", "architecture (jaxdsc.models.DSCNet)")
+    model: str = _f("dscnet", "architecture: dscnet (jaxdsc.models.DSCNet, also 'jaxdsc:dscnet'), tcn (jaxdsc.models.TCN, "
+                              "sequence tasks) or any jaxdsc.models.create name, e.g. torchvision:mobilenet_v2 "
+                              "(docs/model-zoo-training.md)")
+    model_kwargs: str = _f("", "JSON constructor arguments of a zoo --model (upstream names), e.g. "
+                               '\'{"width_mult": 0.5}\'; input_mean/input_std override the input normalisation')
+    channels: list[int] = _f(  # noqa: RUF009 - _f turns a list default into a default_factory
+        [], "tcn: width of each level (level i has dilation 2^i)")
+    kernel_size: int = _f(7, "tcn: taps of every causal conv")
+    separable: bool = _f(True, "tcn: depthwise-separable convs (--no-separable: the paper's dense convs)")
+    dropout: float = _f(0.0, "tcn: dropout after every conv")
+    gated: bool = _f(False, "tcn: gated linear units instead of ReLU")
     width: int = _f(32, "channels of the first stage (then 2w, 4w)")
     depth: int = _f(2, "separable blocks per stage (3 stages)")
     num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
@@ -111,8 +128,13 @@ class RunConfig:
     plot: bool = _f(True, "write curves.png at the end", resume=True)
     compile_cache: str = _f("", "persistent XLA compilation cache dir: a restarted run skips compiling "
                                 "(same as JAX_COMPILATION_CACHE_DIR)", resume=True)
-    distributed: bool = _f(False, "call jax.distributed.initialize() (multi-host; also when "
-                                  "JAX_COORDINATOR_ADDRESS or JAXDSC_DISTRIBUTED=1 is set)", resume=True)
+    distributed: bool = _f(False, "multi-process run: call jax.distributed.initialize() first (also when "
+                                  "JAX_COORDINATOR_ADDRESS, JAXDSC_DISTRIBUTED=1 or one of the next three flags "
+                                  "is set; see docs/multi-host.md)", resume=True)
+    coordinator_address: str = _f("", "HOST:PORT of process 0's coordinator (empty: $JAX_COORDINATOR_ADDRESS, "
+                                      "else auto-detected on SLURM / TPU VMs)", resume=True)
+    num_processes: int = _f(0, "number of processes (0: $JAX_NUM_PROCESSES, else auto-detected)", resume=True)
+    process_id: int = _f(-1, "this process's id, 0..N-1 (-1: $JAX_PROCESS_ID, else auto-detected)", resume=True)
 
 
 @dataclass(frozen=True)
@@ -171,12 +193,28 @@ def validate(cfg: Config) -> Config:
                     ("momentum", o.momentum), ("beta2", o.beta2), ("bn_momentum", m.bn_momentum)):
         if not 0 <= v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    if m.model_kwargs and m.model in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError("--model-kwargs is for zoo models; DSCNet takes --width/--depth")
+    if m.init_config and m.model not in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError("--init-config is for DSCNet; a zoo model's state dict needs none (--model-kwargs)")
     if m.init_config and not m.init_from:
         raise ConfigError("--init-config needs --init-from (a plain PyTorch state dict)")
     if r.export_torch and not r.export_torch.endswith(".safetensors"):
         raise ConfigError(f"--export-torch must name a .safetensors file, got {r.export_torch!r}")
+    if r.num_processes < 0 or r.process_id < -1:
+        raise ConfigError(f"--num-processes must be >= 0 and --process-id >= -1, got {r.num_processes} and "
+                          f"{r.process_id}")
+    if r.num_processes > 0 and not -1 <= r.process_id < r.num_processes:
+        raise ConfigError(f"--process-id {r.process_id} must be below --num-processes {r.num_processes}")
     if not r.workdir:
         raise ConfigError("--workdir must not be empty")
+    if (d.task == "cifar10") == (m.model == "tcn"):
+        raise ConfigError(f"--task {d.task} needs --model {'dscnet' if d.task == 'cifar10' else 'tcn'}, "
+                          f"got --model {m.model} (the presets set both)")
+    if m.model == "tcn" and (not m.channels or min(m.channels) < 1 or m.kernel_size < 1 or d.seq_length < 0
+                             or not 0 <= m.dropout < 1):
+        raise ConfigError(f"tcn needs --channels (positive ints), --kernel-size >= 1, --dropout in [0, 1) and "
+                          f"--seq-length >= 0, got {m.channels}, {m.kernel_size}, {m.dropout}, {d.seq_length}")
     return cfg
 
 
@@ -219,9 +257,31 @@ def _cifar10() -> Config:
     )
 
 
+def _seq(task: str, channels: list[int], kernel_size: int, *, dropout: float, lr: float, grad_clip: float,
+         epochs: int, batch_size: int, train_limit: int = 0, test_limit: int = 0) -> Config:
+    # Adam, constant LR and gradient clipping as locuslab/TCN; the paper's level counts and kernel sizes.
+    return Config(
+        data=DataConfig(task=task, train_limit=train_limit, test_limit=test_limit),
+        model=ModelConfig(model="tcn", channels=channels, kernel_size=kernel_size, dropout=dropout),
+        optim=OptimConfig(optimizer="adamw", lr=lr, schedule="constant", warmup_epochs=0.0, weight_decay=0.0,
+                          label_smoothing=0.0, grad_clip=grad_clip, epochs=epochs, batch_size=batch_size),
+        run=RunConfig(checkpoint_every=0, eval_batch_size=500),
+    )
+
+
 PRESETS: dict[str, Config] = {
     "default": Config(),
     "tiny": _tiny(),          # CPU smoke test: seconds on 2 cores, still learns
     "cifar10-cpu": _cifar10_cpu(),
     "cifar10": _cifar10(),
+    # Sequence tasks (docs/sequences.md). Separable widths are chosen for at most the paper's parameter
+    # counts (adding 70K, copy 16K, JSB 300K, Nottingham 1M); --no-separable with the paper's widths
+    # gives the dense reference. Sizes: adding 50000/1000 (locuslab), copy 10000/1000.
+    "adding": _seq("adding", [60] * 8, 8, dropout=0.0, lr=2e-3, grad_clip=1.0, epochs=10, batch_size=32,
+                   train_limit=50000, test_limit=1000),
+    "copy": _seq("copy", [24] * 8, 8, dropout=0.05, lr=5e-4, grad_clip=1.0, epochs=50, batch_size=32,
+                 train_limit=10000, test_limit=1000),
+    "music-jsb": _seq("music-jsb", [256, 256], 3, dropout=0.5, lr=1e-3, grad_clip=0.4, epochs=100, batch_size=8),
+    "music-nottingham": _seq("music-nottingham", [320] * 4, 6, dropout=0.2, lr=1e-3, grad_clip=0.4,
+                             epochs=100, batch_size=8),
 }

@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from jaxdsc._io import atomic_write_text
-from train import faults, malloc, steps
-from train.checkpointing import Checkpointer
+from train import distributed, faults, feed, malloc, steps, zoo_model
+from train.checkpointing import Checkpointer, RestoreError
 from train.config import Config, ConfigError, default_data_dir, flat_fields, validate
 from train.data import load_or_download
 from train.feed import Split, epoch_order, fits_on_device, make_mesh
@@ -63,12 +63,6 @@ class _Signals:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def maybe_initialize_distributed(cfg: Config) -> None:
-    """``jax.distributed.initialize()`` for multi-host launches (flag or environment)."""
-    if cfg.run.distributed or os.environ.get("JAXDSC_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize()
 
 
 def _check_workdir_config(workdir: Path, cfg: Config) -> None:
@@ -113,6 +107,16 @@ def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     return records
 
 
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB; macOS: bytes)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def _time_to(records: list[dict[str, Any]], target: float) -> float | None:
     hit = [r["train_seconds"] for r in records if r["test_accuracy"] >= target]
     return round(hit[0], 2) if hit else None
@@ -148,17 +152,23 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
 
         model, self.init_note = initial_model(cfg.model, cfg.run.seed)
+        # Zoo models take normalised input (upstream convention); DSCNet normalises inside.
+        self.input_norm = zoo_model.input_norm(cfg.model, model) if zoo_model.is_zoo(cfg.model) else None
+        input_fn = zoo_model.normalizer(*self.input_norm) if self.input_norm else None
         self.graph_train, self.graph_eval, params, stats, consts = steps.split_model(model)
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-        self.tx, self.lr_fn = make_optimizer(cfg.optim, params, self.steps_per_epoch)
+        self.tx, self.lr_fn = make_optimizer(cfg.optim, params, self.steps_per_epoch,
+                                             head=zoo_model.head_prefixes(cfg.model))
         self.state = steps.create_state(params, stats, consts, self.tx, self.mesh, seed=cfg.run.seed,
                                         ema=cfg.optim.ema_decay > 0)
         train_fn = steps.make_train_step(
             self.graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
             label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
-            ema_decay=cfg.optim.ema_decay)
-        self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(self.graph_eval), self.mesh)
-        self.meta: dict[str, Any] = {"train_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0]}
+            ema_decay=cfg.optim.ema_decay, input_fn=input_fn)
+        train_fn = faults.wrap_train_step(train_fn)  # itself unless a nan fault is requested
+        self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(self.graph_eval, input_fn),
+                                                          self.mesh)
+        self.meta: dict[str, Any] = {"train_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0], "data_order": feed.ORDER}
         self.traces_at_start = steps.TRACES["train_step"]
         self.records: list[dict[str, Any]] = []
         self.log = print if self.primary else (lambda *a, **k: None)
@@ -169,6 +179,12 @@ class Trainer:
         step = 0
         if restored is not None:
             self.state, meta = restored
+            # Checkpoints from before the order was recorded used NumPy's Generator stream.
+            order = meta.get("data_order", "numpy-generator")
+            if order != feed.ORDER:
+                raise RestoreError(f"{self.ckpt.dir}: this run was trained with data order {order!r}; this trainer "
+                                   f"uses {feed.ORDER!r}, so a resume would not see the same batches. Finish it with "
+                                   "the trainer version that started it, or start over in a new --workdir")
             self.meta.update(meta)
             step = int(meta["step"])
         if self.primary:
@@ -242,7 +258,8 @@ class Trainer:
                     bar.close()
                 bar = self._bar(epoch, pos)
             batch = self.train_data.batch(order[pos * bs:(pos + 1) * bs])
-            batch["poison"] = np.float32(faults.poison(step + 1))
+            if faults.injects_nan():
+                batch["poison"] = self.train_data.put(np.full(bs, faults.poison(step + 1), np.float32))
             self.state, metrics = self.train_step(self.state, batch)
             drain()  # the previous step's metrics, while this one runs
             pending, step = (step + 1, metrics), step + 1
@@ -317,7 +334,7 @@ class Trainer:
             "train_loss": loss_sum / n_sum if n_sum else None,
             "train_accuracy": acc_sum / n_sum if n_sum else None,
             "test_loss": test_loss, "test_accuracy": test_acc,
-            "lr": float(self.lr_fn(step - 1)), "train_seconds": round(self.meta["train_seconds"], 3),
+            "lr": self._last_lr(), "train_seconds": round(self.meta["train_seconds"], 3),
             "images_per_second": round(ips, 1), "skipped_steps": int(steps.to_host(self.state.skipped)),
         }
         self.records.append(rec)
@@ -329,6 +346,11 @@ class Trainer:
                  f"test loss {test_loss:.4f} acc {test_acc:.4f}  {ips:7.0f} img/s  {self.meta['train_seconds']:7.1f}s",
                  flush=True)
 
+    def _last_lr(self) -> float:
+        """The learning rate of the last update applied (skipped steps do not advance the schedule)."""
+        applied = int(steps.to_host(steps.applied_updates(self.state)))
+        return float(self.lr_fn(max(applied - 1, 0)))
+
     def finish(self, signals: _Signals) -> dict[str, Any] | None:
         """Final evaluation, export, summary.json, curves.png; None when a signal interrupts it."""
         cfg = self.cfg
@@ -337,9 +359,7 @@ class Trainer:
             return None
         test_loss, test_acc = result
         if cfg.run.export_torch and self.primary:
-            import torch_bridge
-
-            torch_bridge.save(self.final_model(), cfg.run.export_torch)
+            zoo_model.export(self.final_model(), cfg.run.export_torch, self.input_norm)
             self.log(f"exported {cfg.run.export_torch}")
         step = int(steps.to_host(self.state.step))
         summary = {
@@ -352,10 +372,14 @@ class Trainer:
             "skipped_steps": int(steps.to_host(self.state.skipped)),
             "time_to_80": _time_to(self.records, 0.8), "time_to_90": _time_to(self.records, 0.9),
             "train_step_traces": steps.TRACES["train_step"] - self.traces_at_start,
-            "model": f"dscnet w{cfg.model.width} d{cfg.model.depth}",
-            "loadavg": [round(v, 2) for v in os.getloadavg()],
-            "malloc": malloc.status,  # 1/5/15 min at the end: was the CPU shared?
+            "model": zoo_model.describe(cfg.model) if zoo_model.is_zoo(cfg.model)
+            else f"dscnet w{cfg.model.width} d{cfg.model.depth}",
+            "loadavg": [round(v, 2) for v in os.getloadavg()],  # 1/5/15 min at the end: was the CPU shared?
+            "malloc": malloc.status,  # per option: set, or why not
+            "peak_rss_mib": _peak_rss_mib(),
         }
+        if self.input_norm:
+            summary["input_mean"], summary["input_std"] = map(list, self.input_norm)
         if self.primary:
             _write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
             if cfg.run.plot and self.records:
@@ -385,9 +409,13 @@ def _signal_exit(signals: _Signals) -> int:
 
 
 def _run(cfg: Config, signals: _Signals) -> int:
-    maybe_initialize_distributed(cfg)
+    distributed.maybe_initialize(cfg.run)  # before anything starts a JAX backend
     if cfg.run.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.run.compile_cache).expanduser()))
+    if cfg.data.task != "cifar10":  # the TCN paper's sequence tasks have their own loop
+        from train.seq_loop import run_sequence
+
+        return run_sequence(cfg, signals)
     trainer = Trainer(cfg)
     if trainer.init_note:
         trainer.log(trainer.init_note)
@@ -402,9 +430,7 @@ def _run(cfg: Config, signals: _Signals) -> int:
             _write_text(trainer.workdir / "eval.json", json.dumps(
                 {"test_accuracy": test_acc, "test_loss": test_loss, "step": step, "images": trainer.test_data.n}))
         if cfg.run.export_torch and trainer.primary:
-            import torch_bridge
-
-            torch_bridge.save(trainer.final_model(), cfg.run.export_torch)
+            zoo_model.export(trainer.final_model(), cfg.run.export_torch, trainer.input_norm)
         return 0
     trainer.log(f"{'resuming at step ' + str(step) if resumed else 'training'}: {trainer.total_steps} steps "
                 f"({cfg.optim.epochs} epochs x {trainer.steps_per_epoch}), {trainer.num_params} params, "

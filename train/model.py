@@ -92,6 +92,9 @@ def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> DSCNet:
     if cfg_file is None:
         raise ConfigError(f"{path}: no config.json next to checkpoint {ckpt.name}")
     src = json.loads(cfg_file.read_text())["model"]
+    if src.get("model", "dscnet") not in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError(f"{path}: a {src['model']} run; reading zoo-model workdirs is not supported yet "
+                          "(rerun its command with --eval-only --export-torch FILE, then --init-from FILE)")
     model = DSCNet(src["num_classes"], width=src["width"], depth=src["depth"], momentum=src["bn_momentum"],
                    dtype=compute_dtype(cfg), impl=cfg.impl, rngs=nnx.Rngs(params=seed))
     prefix = "ema." if any(k.startswith("ema.") for k in arrays) else ""
@@ -107,8 +110,18 @@ def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> DSCNet:
     return model
 
 
-def initial_model(cfg: ModelConfig, seed: int) -> tuple[DSCNet, str]:
-    """The run's starting model and a one-line note on where it came from."""
+def initial_model(cfg: ModelConfig, seed: int) -> tuple[nnx.Module, str]:
+    """The run's starting model and a one-line note on where it came from (zoo models:
+    :mod:`train.zoo_model`)."""
+    from train import zoo_model
+
+    if zoo_model.is_zoo(cfg):
+        if not cfg.init_from:
+            return zoo_model.build(cfg, seed), ""
+        path = Path(cfg.init_from).expanduser().absolute()
+        if not path.is_file():
+            raise ConfigError(f"--init-from {path}: no such file (a zoo model starts from a state dict file)")
+        return zoo_model.init_from(cfg, path, seed)
     if not cfg.init_from:
         return build(cfg, seed), ""
     import torch_bridge

@@ -60,15 +60,16 @@ def frozen_paths(params: Any, patterns: Sequence[str]) -> set[str]:
     return frozen
 
 
-def labels(params: Any, cfg: OptimConfig) -> Any:
-    """Per-parameter label tree: ``frozen``, ``head`` (own LR when ``--head-lr`` is set) or ``body``."""
+def labels(params: Any, cfg: OptimConfig, head: Sequence[str] = ("head.",)) -> Any:
+    """Per-parameter label tree: ``frozen``, ``head`` (paths starting with a ``head`` prefix; own LR
+    when ``--head-lr`` is set) or ``body``."""
     frozen = frozen_paths(params, cfg.freeze)
 
     def label(path: tuple[Any, ...], _: Any) -> str:
         p = path_str(path)
         if p in frozen:
             return "frozen"
-        return "head" if p.startswith("head.") and cfg.head_lr >= 0 else "body"
+        return "head" if p.startswith(tuple(head)) and cfg.head_lr >= 0 else "body"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -103,10 +104,12 @@ def _base(cfg: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def make_optimizer(cfg: OptimConfig, params: Any, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Schedule]:
-    """The full update rule for ``params`` and the body learning-rate schedule (for logging)."""
+def make_optimizer(cfg: OptimConfig, params: Any, steps_per_epoch: int, head: Sequence[str] = ("head.",)
+                   ) -> tuple[optax.GradientTransformation, Schedule]:
+    """The full update rule for ``params`` and the body learning-rate schedule (for logging);
+    ``head``: path prefixes of the classifier (``--head-lr``)."""
     body_lr = schedule(cfg, cfg.lr, steps_per_epoch)
-    tree_labels = labels(params, cfg)
+    tree_labels = labels(params, cfg, head)
     used = set(jax.tree_util.tree_leaves(tree_labels))
     if used == {"frozen"}:
         raise ConfigError("--freeze matches every parameter; nothing left to train")

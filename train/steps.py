@@ -89,11 +89,18 @@ def to_host(tree: Any) -> Any:
     """NumPy copies of replicated arrays; works on multi-host meshes (reads the local replica)."""
 
     def get(x: Any) -> Any:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x  # RNG stream keys of zoo models (no NumPy form; the step reseeds them anyway)
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(x.addressable_data(0))
         return np.asarray(x)
 
     return jax.tree_util.tree_map(get, tree)
+
+
+def applied_updates(state: TrainState) -> jax.Array:
+    """Updates the optimizer has applied (its schedule's step): steps done minus steps skipped."""
+    return state.step - state.skipped
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -111,21 +118,33 @@ def _ema_update(ema: Any, new: Any, decay: jax.Array) -> Any:
     return jax.tree_util.tree_map(upd, ema, new)
 
 
+def reseed(model: nnx.Module, key: jax.Array) -> None:
+    """Fresh keys for the model's RNG streams (dropout, stochastic depth of zoo models) from the
+    step's key: their keys live in the constant part of the state, which a step does not update."""
+    for i, (_, var) in enumerate(nnx.iter_graph(model)):
+        if isinstance(var, nnx.RngKey):
+            var.set_value(jax.random.fold_in(jax.random.fold_in(key, 0x5EED), i))
+
+
 def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransformation,
                     lr_schedule: Callable[[Any], Any], *, num_classes: int, label_smoothing: float,
-                    crop_padding: int, flip: bool, ema_decay: float) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The (unjitted) pure train step; see :func:`jit_steps`."""
+                    crop_padding: int, flip: bool, ema_decay: float,
+                    input_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The (unjitted) pure train step; see :func:`jit_steps`. ``input_fn`` maps the augmented
+    ``[0, 1]`` images to the model's input (zoo models: mean/std normalisation)."""
+    input_fn = input_fn or (lambda x: x)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         TRACES["train_step"] += 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # `poison` is 0.0 (exact no-op) unless a fault is injected (train/faults.py).
-        images = augment(batch["image"], key, padding=crop_padding, flip=flip) + batch["poison"]
+        images = input_fn(augment(batch["image"], key, padding=crop_padding, flip=flip))
         labels = batch["label"]
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             model = nnx.merge(graph_train, params, state.batch_stats, state.consts)
+            reseed(model, key)
             logits = model(images)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
             return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
@@ -149,21 +168,24 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "finite": finite.astype(jnp.int32),
             "grad_norm": optax.tree.norm(grads),
-            "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+            # The optimizer's schedule counts applied updates only: skipped steps do not advance it.
+            "lr": jnp.asarray(lr_schedule(applied_updates(state)), jnp.float32),
         }
         return new, metrics
 
     return train_step
 
 
-def make_eval_step(graph_eval: nnx.GraphDef[Any]) -> Callable[[TrainState, Batch], Metrics]:
+def make_eval_step(graph_eval: nnx.GraphDef[Any],
+                   input_fn: Callable[[jax.Array], jax.Array] | None = None) -> Callable[[TrainState, Batch], Metrics]:
     """The (unjitted) eval step: masked sums of loss and correct predictions."""
+    input_fn = input_fn or (lambda x: x)
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
         TRACES["eval_step"] += 1
         weights = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
         model = nnx.merge(graph_eval, weights["params"], weights["batch_stats"], state.consts)
-        logits = model(to_float(batch["image"]))
+        logits = model(input_fn(to_float(batch["image"])))
         mask = batch["mask"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -181,10 +203,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def jit_steps(train_step: Callable[..., Any], eval_step: Callable[..., Any], mesh: Mesh) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Jit both steps for ``mesh``: state replicated and donated, batch sharded on axis 0."""
+    """Jit both steps for ``mesh``: state replicated and donated, every batch entry sharded on axis 0."""
     rep, bat = replicated(mesh), batch_sharded(mesh)
-    train_in = {"image": bat, "label": bat, "poison": rep}
-    eval_in = {"image": bat, "label": bat, "mask": bat}
-    train = jax.jit(train_step, in_shardings=(rep, train_in), out_shardings=(rep, rep), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(rep, eval_in), out_shardings=rep)
+    train = jax.jit(train_step, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(rep, bat), out_shardings=rep)
     return train, evaluate

@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 
 from jaxdsc.ops import native
+from jaxdsc.ops._linear import Linear, custom_linear_jvp, jvp_of
 from jaxdsc.ops._partition import BATCH, SUM, batch_op
 from jaxdsc.ops._select import native_or_xla, platform_of_default_backend, with_policy
 
@@ -48,7 +49,6 @@ NATIVE_MIN_ELEMENTS = 1 << 15
 # ------------------------------------------------------------------ xla --
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -61,7 +61,7 @@ def batch_norm_train(
     where autodiff of the forward takes several more; batch norm was the
     largest part of the CPU training step (issue 5, BENCHMARKS.md).
     """
-    return _bn_train_fwd(x, scale, bias, epsilon)[0]
+    return _xla_op(float(epsilon))(x, scale, bias)
 
 
 def _bn_train_fwd(x, scale, bias, epsilon):
@@ -92,7 +92,37 @@ def _bn_train_bwd(epsilon, res, cotangents):
     return dx, dscale, dbias
 
 
-batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+def _bn_transpose(epsilon: float, native: bool, relu: bool = False, portable: bool = False):
+    """The backward pass as the transpose of the tangent map, from residuals (x, scale, bias, mean, var).
+
+    ``portable``: the native backward in the CPU branch of the program, the
+    ``"xla"`` formulas elsewhere (:func:`_auto_backward`).
+    """
+
+    def transpose(res, cts, needed):
+        del needed  # one pass yields all three
+        x, scale, bias, mean, var = res
+        if native:
+            backward = _auto_backward if portable else native_backward
+            return backward(x, cts[0], scale, bias, mean, var, *cts[1:], epsilon, relu)
+        return _bn_train_bwd(epsilon, (x, mean, jax.lax.rsqrt(var + epsilon), scale), cts)
+
+    return transpose
+
+
+def _keep_statistics(args, out):
+    return (*args, out[1], out[2])
+
+
+@functools.lru_cache(maxsize=64)
+def _xla_op(epsilon: float):
+    """Forward and reverse mode (any order) with the closed-form backward."""
+
+    def forward(x, scale, bias):
+        return _bn_train_fwd(x, scale, bias, epsilon)[0]
+
+    tangent = Linear(jvp_of(forward, 3), _bn_transpose(epsilon, native=False), "batch_norm")
+    return custom_linear_jvp(forward, tangent, residuals=_keep_statistics)
 
 
 # --------------------------------------------------------------- native --
@@ -203,48 +233,17 @@ def _native_backward_jvp(epsilon, relu, primals, tangents):
     return native_backward(*primals, epsilon, relu), t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _native_bn(x2, scale, bias, epsilon, relu):
-    return native_forward(x2, scale, bias, epsilon, relu)
-
-
-def _native_bn_fwd(x2, scale, bias, epsilon, relu):
-    y, mean, var = native_forward(x2, scale, bias, epsilon, relu)
-    return (y, mean, var), (x2, scale, bias, mean, var)
-
-
-def _native_bn_bwd(epsilon, relu, res, cotangents):
-    x2, scale, bias, mean, var = res
-    gy, g_mean, g_var = cotangents
-    return native_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon, relu)
-
-
-_native_bn.defvjp(_native_bn_fwd, _native_bn_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _auto_bn(x2, scale, bias, epsilon, relu):
-    """Native kernels in the CPU branch of the program, the ``"xla"`` formulas elsewhere.
-
-    The platform choice sits inside the VJP rules (both branches keep the same
-    residuals), so differentiation never goes through ``lax.platform_dependent``
-    (linearising and transposing a cond made tracing several times slower).
-    """
-    return _auto_bn_fwd(x2, scale, bias, epsilon, relu)[0]
-
-
-def _auto_bn_fwd(x2, scale, bias, epsilon, relu):
-    y, mean, var = lax.platform_dependent(
+def _auto_forward(x2, scale, bias, epsilon, relu):
+    """:func:`native_forward` in the CPU branch of the program, the ``"xla"`` formulas elsewhere."""
+    return lax.platform_dependent(
         x2, scale, bias,
         cpu=lambda *a: native_forward(*a, epsilon, relu),
         default=lambda *a: _reference_forward(*a, epsilon, relu),
     )
-    return (y, mean, var), (x2, scale, bias, mean, var)
 
 
-def _auto_bn_bwd(epsilon, relu, res, cotangents):
-    x2, scale, bias, mean, var = res
-    gy, g_mean, g_var = cotangents
+def _auto_backward(x2, gy, scale, bias, mean, var, g_mean, g_var, epsilon, relu):
+    """:func:`native_backward` in the CPU branch of the program, the ``"xla"`` formulas elsewhere."""
     return lax.platform_dependent(
         x2, gy, scale, bias, mean, var, g_mean, g_var,
         cpu=lambda *a: native_backward(*a, epsilon, relu),
@@ -252,7 +251,27 @@ def _auto_bn_bwd(epsilon, relu, res, cotangents):
     )
 
 
-_auto_bn.defvjp(_auto_bn_fwd, _auto_bn_bwd)
+@functools.lru_cache(maxsize=64)
+def _native_bn(epsilon: float, relu: bool, portable: bool = False):
+    """Native values and backward; forward-mode tangents from the reference formulas.
+
+    ``portable``: the platform choice sits in the raw kernels the tangent map
+    and its transpose call (both branches keep the same residuals), so
+    differentiation never goes through ``lax.platform_dependent`` (linearising
+    and transposing a cond made tracing several times slower).
+    """
+    kernel = _auto_forward if portable else native_forward
+
+    def forward(x2, scale, bias):
+        return kernel(x2, scale, bias, epsilon, relu)
+
+    def reference(x2, scale, bias):
+        return _reference_forward(x2, scale, bias, epsilon, relu)
+
+    tangent = Linear(
+        jvp_of(reference, 3), _bn_transpose(epsilon, True, relu, portable), "native_batch_norm"
+    )
+    return custom_linear_jvp(forward, tangent, residuals=_keep_statistics)
 
 
 def self_check() -> str:
@@ -334,7 +353,7 @@ def _xla_bn(x, scale, bias, epsilon, relu):
 
 
 def _native_bn_nd(x, scale, bias, epsilon, relu):
-    y, mean, var = _native_bn(x.reshape(-1, x.shape[-1]), scale, bias, float(epsilon), bool(relu))
+    y, mean, var = _native_bn(float(epsilon), bool(relu))(x.reshape(-1, x.shape[-1]), scale, bias)
     return y.reshape(x.shape), mean, var
 
 
@@ -366,5 +385,5 @@ def batch_norm_act_train(
     if cpu == other:
         return fns[cpu](x, scale, bias, epsilon, relu)
     # CPU native, elsewhere xla (other never picks native).
-    y, mean, var = _auto_bn(x.reshape(-1, x.shape[-1]), scale, bias, float(epsilon), bool(relu))
+    y, mean, var = _native_bn(float(epsilon), bool(relu), True)(x.reshape(-1, x.shape[-1]), scale, bias)
     return y.reshape(x.shape), mean, var

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaxdsc.ops import _build
+
 __all__ = [
     "available",
     "isa",
@@ -101,13 +103,13 @@ def _load() -> str:
             return _LIB_REASON
         path = _library_path()
         if path is None:
-            _LIB_REASON = (
-                "jaxdsc/_dwconv*.so not found: not built or its build failed (it needs a C++17 "
-                "compiler at pip install time; rebuild in place: python setup.py build_ext --inplace)"
-            )
+            _LIB_REASON = _build.not_built_reason(Path(__file__).resolve().parent.parent)
             return _LIB_REASON
         try:
             lib = ctypes.CDLL(str(path))
+            if reason := _build.check_library(lib):  # built for another jaxlib's FFI API
+                _LIB_REASON = f"{path}: {reason}"
+                return _LIB_REASON
             lib.jaxdsc_dw_isa.restype = ctypes.c_char_p
             lib.jaxdsc_dw_set_isa.argtypes = [ctypes.c_char_p]
             lib.jaxdsc_dw_set_isa.restype = ctypes.c_int
@@ -171,7 +173,10 @@ def available(family: str | None = None) -> bool:
     The first call for a family loads the library and runs its self-check.
     """
     names = list(_FAMILIES) if family is None else [family]
-    if family is None and _load():
+    reason = _load()
+    if reason:
+        if not _disabled():  # JAXDSC_DISABLE_NATIVE: nothing to warn about
+            _build.warn_unavailable(reason)
         return False
     return all(not _status(n) for n in names)
 

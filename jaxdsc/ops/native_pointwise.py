@@ -24,7 +24,7 @@ from jax import lax
 
 from jaxdsc.ops import native
 from jaxdsc.ops._partition import BATCH, SUM, batch_op
-from jaxdsc.ops._vjp import make_family
+from jaxdsc.ops._vjp import BiasKernels, Family, make_family
 
 FAMILY = "pointwise"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the kernels' dtypes
@@ -72,11 +72,6 @@ _pw_forward = batch_op(_ffi_pw_forward, batched=(True, False, False), outputs=(B
 _pw_grad_input = batch_op(_ffi_pw_grad_input, batched=(True, False), outputs=(BATCH,))
 _pw_grad_kernel_bias = batch_op(_ffi_pw_grad_kernel_bias, batched=(True, True), outputs=(SUM, SUM))
 _pw_grad_all = batch_op(_ffi_pw_grad_all, batched=(True, True, False), outputs=(BATCH, SUM, SUM))
-
-
-class _PwOps(NamedTuple):
-    conv: Callable  # (x2, w) -> y2
-    affine: Callable  # (x2, w, b) -> y2 + b
 
 
 # Backward pass as one kernel (dx, dw, db from a single pass over g), or as
@@ -130,64 +125,20 @@ def _platform_raw(precision) -> _Raw:
 
 
 @functools.lru_cache(maxsize=16)
-def _pw_ops(fused: bool, raw: _Raw = _NATIVE) -> _PwOps:
-    """Differentiable (any order) pointwise ops on 2-D views from the ``raw`` kernels."""
+def _pw_ops(fused: bool, raw: _Raw = _NATIVE) -> Family:
+    """Differentiable (any order, forward and reverse mode) pointwise ops on 2-D views from ``raw``."""
     _pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all = raw
 
     def _pw_forward_nobias(x, w):
         return _pw_forward(x, w, jnp.zeros((w.shape[1],), x.dtype))
 
-    fam = make_family(
+    return make_family(
         _pw_forward_nobias,
         _pw_grad_input,
         lambda x, g: _pw_grad_kernel_bias(x, g)[0],
         (lambda x, g, w: _pw_grad_all(x, g, w)[:2]) if fused else None,
+        bias=BiasKernels(_pw_forward, _pw_grad_kernel_bias, _pw_grad_all if fused else None),
     )
-
-    @jax.custom_vjp
-    def affine(x, w, b):
-        return _pw_forward(x, w, b)
-
-    @jax.custom_vjp
-    def grad_kernel_bias(x, g):
-        return _pw_grad_kernel_bias(x, g)
-
-    @jax.custom_vjp
-    def grad_all(x, g, w):
-        return _pw_grad_all(x, g, w)
-
-    def affine_fwd(x, w, b):
-        return affine(x, w, b), (x, w)
-
-    def affine_bwd(res, g):
-        x, w = res
-        if fused:
-            return grad_all(x, g, w)
-        dw, db = grad_kernel_bias(x, g)
-        return fam.grad_input(g, w), dw, db
-
-    def grad_kernel_bias_fwd(x, g):
-        return grad_kernel_bias(x, g), (x, g)
-
-    def grad_kernel_bias_bwd(res, cts):
-        # (dw, db) = (x^T g, colsum g) against cotangents (v, u).
-        x, g = res
-        v, u = cts
-        return fam.grad_input(g, v), affine(x, v, u)
-
-    def grad_all_fwd(x, g, w):
-        return grad_all(x, g, w), (x, g, w)
-
-    def grad_all_bwd(res, cts):
-        # (dx, dw, db) = (g w^T, x^T g, colsum g) against cotangents (u, v, t).
-        x, g, w = res
-        u, v, t = cts
-        return fam.grad_input(g, v), fam.conv(u, w) + affine(x, v, t), fam.grad_kernel(u, g)
-
-    affine.defvjp(affine_fwd, affine_bwd)
-    grad_kernel_bias.defvjp(grad_kernel_bias_fwd, grad_kernel_bias_bwd)
-    grad_all.defvjp(grad_all_fwd, grad_all_bwd)
-    return _PwOps(fam.conv, affine)
 
 
 def pointwise_supports(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> bool:

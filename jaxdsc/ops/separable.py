@@ -13,9 +13,9 @@ platforms run the unfused pair (``lax.platform_dependent``,
 library :mod:`jaxdsc.ops.native` loads, registered here; it needs the
 depthwise and pointwise families.
 
-Gradients (``jax.grad`` / ``jax.vjp``) run the unfused pair, whose forward
-keeps the intermediate for the pointwise weight gradient: the fused kernel
-serves inference. ``tests/test_ops_separable.py`` checks the fused forward and
+Derivatives (``jax.grad``, ``jax.jvp``, any order) run the unfused pair, whose
+forward keeps the intermediate for the pointwise weight gradient: the fused
+kernel serves inference. ``tests/test_ops_separable.py`` checks the fused forward and
 the gradients against the unfused composition and the ``"xla"`` path.
 """
 
@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from jaxdsc.ops import native, native_depthwise, native_pointwise
+from jaxdsc.ops._linear import fast_primal
 from jaxdsc.ops._partition import BATCH, batch_op
 from jaxdsc.ops._select import op_impl, with_policy
 from jaxdsc.ops.depthwise import DepthwiseCall, Pairs, depthwise_conv, make_call, select_impl
@@ -111,7 +112,7 @@ native.register_family(FAMILY, (SEP_TARGET,), self_check,
 
 @functools.lru_cache(maxsize=512)
 def _fused_op(call: DepthwiseCall, impl: str, has_dw_bias: bool, has_pw_bias: bool, precision):
-    """``f(x, wd, wp, *biases)``: fused primal, unfused VJP, for one static geometry."""
+    """``f(x, wd, wp, *biases)``: fused primal, unfused derivatives, for one static geometry."""
 
     def unpack(biases):
         it = iter(biases)
@@ -125,22 +126,14 @@ def _fused_op(call: DepthwiseCall, impl: str, has_dw_bias: bool, has_pw_bias: bo
             h = h + bd
         return pointwise_conv(h, wp, bp, precision=precision, impl=op_impl("pointwise", impl))
 
-    @jax.custom_vjp
-    def f(x, wd, wp, *biases):
+    def fused(x, wd, wp, *biases):
         bd, bp = unpack(biases)
         b = jnp.zeros((wp.shape[1],), wp.dtype) if bp is None else bp
         if bd is not None:
             b = b + jnp.dot(bd, wp, precision=lax.Precision.HIGHEST)
         return _fused_kernel(call)(x, wd, wp, b)
 
-    def f_fwd(x, wd, wp, *biases):
-        return jax.vjp(unfused, x, wd, wp, *biases)
-
-    def f_bwd(vjp, g):
-        return vjp(g)
-
-    f.defvjp(f_fwd, f_bwd)
-    return f, unfused
+    return fast_primal(fused, unfused), unfused
 
 
 def separable_conv(

@@ -1,0 +1,148 @@
+"""TCN speed (issue 17): jaxdsc's TCN against its PyTorch twin, separable and dense, forward and train step.
+
+For each length ``T`` (default 1000 and 4096) and each conv kind (separable:
+depthwise dilated causal + pointwise; dense: the paper's conv), one
+``jaxdsc.models.TCN`` with ``--levels`` levels (dilation up to
+``2**(levels-1)``, 512 by default) of ``--channels`` channels, and its twin
+``torch_bridge.to_torch(model)`` (channels-first, the same weights), are timed
+in one process, interleaved (``benchmarks/_harness.py``):
+
+* ``forward``: inference (JAX ``nnx.jit``; torch ``no_grad``, eval mode);
+* ``step``: loss (mean square of the output), backward and an SGD update
+  (JAX: one jitted pure function with donated state; torch: zero_grad,
+  forward, backward, ``optimizer.step``).
+
+Before timing, forward outputs and one step's loss are compared, so both
+sides compute the same function. Reported: medians over rounds (ms), and the
+ratio jaxdsc / torch (< 1: jaxdsc faster).
+
+    python benchmarks/tcn.py                                   # full (minutes; run on a quiet CPU)
+    python benchmarks/tcn.py --lengths 64 --levels 3 --rounds 2 --block-s 0.02   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+from _harness import env_info, time_interleaved
+from flax import nnx
+
+import torch_bridge
+from jaxdsc.models import TCN
+
+
+def _models(kind: str, args: argparse.Namespace) -> tuple[TCN, torch.nn.Module]:
+    c = args.channels
+    m = TCN(c, c, [c] * args.levels, kernel_size=args.kernel_size, separable=kind == "separable",
+            rngs=nnx.Rngs(0))
+    return m, torch_bridge.to_torch(m)
+
+
+def _jax_fns(model: TCN, x: np.ndarray, lr: float):
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(lr)
+    xj = jnp.asarray(x)
+
+    @jax.jit
+    def forward(params, xx):
+        return nnx.merge(graph, params, rest)(xx)
+
+    @jax.jit
+    def step(params, opt_state, xx):
+        def loss_fn(p):
+            return jnp.mean(jnp.square(nnx.merge(graph, p, rest)(xx)))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    state = {"params": params, "opt": tx.init(params)}
+
+    def run_step():
+        state["params"], state["opt"], loss = step(state["params"], state["opt"], xj)
+        return loss.block_until_ready()
+
+    fwd_params = jax.tree.map(jnp.array, params)
+    return (lambda: forward(fwd_params, xj).block_until_ready()), run_step, forward(fwd_params, xj), step(
+        jax.tree.map(jnp.array, params), tx.init(params), xj)[2]
+
+
+def _torch_fns(twin: torch.nn.Module, x: np.ndarray, lr: float):
+    xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
+    ref = torch_bridge.to_torch(torch_bridge.from_torch(twin)).eval()  # a frozen copy for the forward
+    opt = torch.optim.SGD(twin.parameters(), lr=lr)
+
+    def forward():
+        with torch.no_grad():
+            return ref(xt)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = twin(xt).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    with torch.no_grad():
+        y = np.moveaxis(ref(xt).numpy(), 1, -1)
+        first_loss = float(twin(xt).square().mean())
+    return forward, step, y, first_loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="1000,4096", help="comma list of T")
+    p.add_argument("--kinds", default="separable,dense")
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--levels", type=int, default=10, help="levels; dilation up to 2**(levels-1)")
+    p.add_argument("--kernel-size", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--block-s", type=float, default=0.25)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", default="", help="write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lr = 1e-3
+    rows = []
+    for t in (int(v) for v in args.lengths.split(",")):
+        x = np.random.default_rng(t).standard_normal((args.batch, t, args.channels)).astype(np.float32)
+        for kind in args.kinds.split(","):
+            model, twin = _models(kind, args)
+            jf, js, jy, jloss = _jax_fns(model, x, lr)
+            tf, ts, ty, tloss = _torch_fns(twin, x, lr)
+            err = float(np.abs(np.asarray(jy) - ty).max() / max(np.abs(ty).max(), 1e-30))
+            if err > 1e-4 or abs(float(jloss) - tloss) > 1e-4 * max(abs(tloss), 1e-30):
+                raise SystemExit(f"T={t} {kind}: JAX and torch disagree (rel err {err:.2e}, "
+                                 f"loss {float(jloss)} vs {tloss})")
+            for mode, fns in (("forward", {"jax": jf, "torch": tf}), ("step", {"jax": js, "torch": ts})):
+                res = time_interleaved(fns, rounds=args.rounds, block_s=args.block_s)
+                row = {"T": t, "kind": kind, "mode": mode, "jax_ms": round(res["jax"].median_ms, 3),
+                       "torch_ms": round(res["torch"].median_ms, 3),
+                       "ratio": round(res["jax"].median_ms / res["torch"].median_ms, 3)}
+                rows.append(row)
+                print(f"T={t:5d} {kind:9s} {mode:7s} jaxdsc {row['jax_ms']:9.2f} ms  torch "
+                      f"{row['torch_ms']:9.2f} ms  ratio {row['ratio']:.2f}", flush=True)
+    print("\n| T | conv | mode | jaxdsc ms | PyTorch ms | jaxdsc / PyTorch |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['T']} | {r['kind']} | {r['mode']} | {r['jax_ms']} | {r['torch_ms']} | {r['ratio']} |")
+    if args.json:
+        out = {"args": vars(args), "env": env_info(), "rows": rows}
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""PyTorch twin of ``jaxdsc.models.TCN`` (channels-first ``(N, C, T)``), re-exported by ``torch_bridge.nn``.
+
+Weight norm is PyTorch's own ``torch.nn.utils.parametrizations.weight_norm``
+(``dim=0``): a weight-normed conv keeps ``parametrizations.weight.original0``
+(the gain ``g``, ``(out, 1, 1)``) and ``parametrizations.weight.original1``
+(the direction ``v``) in its state dict, as any PyTorch user's
+``weight_norm(nn.Conv1d(...))`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from jaxdsc import _checks
+from torch_bridge.nn import Conv, DepthwiseConv, PointwiseConv
+
+_INIT_STD = 0.01  # as jaxdsc.models.tcn (and locuslab/TCN)
+
+
+def _weight_norm_(module: nn.Module) -> None:
+    """Draw ``v`` from N(0, 0.01) and parametrise ``weight`` as ``g * v / ||v||`` with ``g = ||v||``."""
+    with torch.no_grad():
+        nn.init.normal_(module.weight, 0.0, _INIT_STD)
+    parametrizations.weight_norm(module, "weight", dim=0)
+
+
+class WeightNormDepthwiseConv(DepthwiseConv):
+    """Twin of ``jaxdsc.models.WeightNormDepthwiseConv``: a weight-normed :class:`DepthwiseConv`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _weight_norm_(self)
+
+
+class WeightNormPointwiseConv(PointwiseConv):
+    """Twin of ``jaxdsc.models.WeightNormPointwiseConv``: a weight-normed :class:`PointwiseConv`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _weight_norm_(self)
+
+
+class WeightNormConv(Conv):
+    """Twin of ``jaxdsc.models.WeightNormConv``: a weight-normed :class:`Conv`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _weight_norm_(self)
+
+
+class CausalConv(nn.Module):
+    """Twin of ``jaxdsc.models.CausalConv``: ``(N, in, T) -> (N, out, T)``, causal, dilated."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int = 1,
+                 separable: bool = True, weight_norm: bool = True):
+        super().__init__()
+        self.in_channels = _checks.positive_int("in_channels", in_channels)
+        self.out_channels = _checks.positive_int("out_channels", out_channels)
+        self.kernel_size = _checks.positive_int("kernel_size", kernel_size)
+        self.dilation = _checks.positive_int("dilation", dilation)
+        self.separable = _checks.boolean("separable", separable)
+        self.weight_norm = _checks.boolean("weight_norm", weight_norm)
+        k, d = (self.kernel_size,), (self.dilation,)
+        if separable:
+            dw_cls = WeightNormDepthwiseConv if weight_norm else DepthwiseConv
+            pw_cls = WeightNormPointwiseConv if weight_norm else PointwiseConv
+            self.depthwise = dw_cls(in_channels, k, padding="CAUSAL", dilation=d)
+            self.pointwise = pw_cls(in_channels, out_channels, num_spatial_dims=1)
+            self.conv = None
+        else:
+            conv_cls = WeightNormConv if weight_norm else Conv
+            self.depthwise = self.pointwise = None
+            self.conv = conv_cls(in_channels, out_channels, k, padding="CAUSAL", dilation=d)
+        if not weight_norm:
+            with torch.no_grad():
+                for m in (self.depthwise, self.pointwise, self.conv):
+                    if m is not None:
+                        nn.init.normal_(m.weight, 0.0, _INIT_STD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            return self.conv(x)
+        return self.pointwise(self.depthwise(x))
+
+
+class TemporalBlock(nn.Module):
+    """Twin of ``jaxdsc.models.TemporalBlock`` (dropout is ``F.dropout``, active in train mode)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int,
+                 separable: bool = True, weight_norm: bool = True, gated: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.separable, self.weight_norm = separable, weight_norm
+        self.gated = _checks.boolean("gated", gated)
+        self.dropout = dropout
+        width = 2 * out_channels if gated else out_channels
+        common = dict(dilation=dilation, separable=separable, weight_norm=weight_norm)
+        self.conv1 = CausalConv(in_channels, width, kernel_size, **common)
+        self.conv2 = CausalConv(out_channels, width, kernel_size, **common)
+        self.downsample = None
+        if in_channels != out_channels:
+            self.downsample = PointwiseConv(in_channels, out_channels, num_spatial_dims=1)
+            with torch.no_grad():
+                nn.init.normal_(self.downsample.weight, 0.0, _INIT_STD)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        return F.glu(h, dim=1) if self.gated else F.relu(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(self._act(self.conv1(x)), self.dropout, self.training)
+        h = F.dropout(self._act(self.conv2(h)), self.dropout, self.training)
+        res = x if self.downsample is None else self.downsample(x)
+        return F.relu(h + res)
+
+
+class TCN(nn.Module):
+    """Twin of ``jaxdsc.models.TCN``: ``(N, in_channels, T) -> (N, out_channels, T)``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        *,
+        kernel_size: int = 2,
+        separable: bool = True,
+        dropout: float = 0.0,
+        weight_norm: bool = True,
+        gated: bool = False,
+    ):
+        super().__init__()
+        self.in_channels = _checks.positive_int("in_channels", in_channels)
+        self.out_channels = _checks.positive_int("out_channels", out_channels)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not channels:
+            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
+        self.channels = tuple(_checks.positive_int(f"channels[{i}]", c) for i, c in enumerate(channels))
+        self.kernel_size = _checks.positive_int("kernel_size", kernel_size)
+        self.separable = _checks.boolean("separable", separable)
+        self.weight_norm = _checks.boolean("weight_norm", weight_norm)
+        self.gated = _checks.boolean("gated", gated)
+        self.dropout = _checks.number("dropout", dropout, low=0.0, high=1.0)
+        if self.dropout == 1.0:
+            raise ValueError("dropout must be in [0, 1), got 1.0")
+        widths = (self.in_channels, *self.channels)
+        self.blocks = nn.ModuleList([
+            TemporalBlock(widths[i], widths[i + 1], self.kernel_size, dilation=2**i, separable=separable,
+                          weight_norm=weight_norm, gated=gated, dropout=self.dropout)
+            for i in range(len(self.channels))
+        ])
+        self.linear = nn.Linear(self.channels[-1], self.out_channels)
+        with torch.no_grad():
+            nn.init.normal_(self.linear.weight, 0.0, _INIT_STD)
+            nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (N, {self.in_channels}, T) (channels first), got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        h = x
+        for block in self.blocks:
+            h = block(h)
+        return self.linear(h.transpose(1, 2)).transpose(1, 2)
