@@ -97,14 +97,13 @@ SCRIPT = textwrap.dedent("""
     eval_step = steps.make_eval_step(graph_eval)
     rng = np.random.default_rng(1)
     batch = {"image": rng.integers(0, 256, (N, 32, 32, 3), dtype=np.uint8),
-             "label": rng.integers(0, 10, (N,), dtype=np.int32), "poison": np.float32(0.0)}
+             "label": rng.integers(0, 10, (N,), dtype=np.int32)}
     results = []
     for devices in (jax.devices(), jax.devices()[:1]):
         m = Mesh(np.asarray(devices), ("data",))
         state = steps.create_state(params, stats, consts, tx, m, seed=0, ema=False)
         train, _ = steps.jit_steps(train_step, eval_step, m)
-        b = {k: jax.device_put(v, steps.replicated(m) if k == "poison" else steps.batch_sharded(m))
-             for k, v in batch.items()}
+        b = {k: jax.device_put(v, steps.batch_sharded(m)) for k, v in batch.items()}
         if len(devices) == 8:
             check_per_shard(calls(train.lower(state, b).compile()), {32 * 32, 16 * 16})
         new, metrics = train(state, b)
