@@ -144,9 +144,10 @@ register_impl("xla", Impl(fn=_xla, supports=lambda call: True, priority=0, kerne
 def _platform_family(cpu: str, other: str, calls: tuple[DepthwiseCall, DepthwiseCall], precision) -> Family:
     """One family whose raw kernels are ``lax.platform_dependent`` (CPU: ``cpu``, else ``other``).
 
-    The choice sits in the kernels the VJP rules call, so differentiation
-    never goes through a cond (linearising and transposing one per layer made
-    tracing several times slower).
+    The choice sits in the raw kernels that the tangent maps and their
+    transposes call (:mod:`jaxdsc.ops._linear`), so differentiation never goes
+    through a cond (linearising and transposing one per layer made tracing
+    several times slower).
     """
     a = IMPLS[cpu].kernels(calls[0])  # type: ignore[misc]
     b = (_xla_kernels(calls[1], precision) if other == "xla"

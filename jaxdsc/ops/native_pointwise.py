@@ -113,8 +113,10 @@ def _xla_raw(precision) -> _Raw:
 def _platform_raw(precision) -> _Raw:
     """Native kernels in the CPU branch of the program, XLA's elsewhere.
 
-    The choice sits in the kernels the VJP rules call, so differentiation never
-    goes through a cond (linearising and transposing one made tracing slower).
+    The choice sits in the raw kernels that the tangent maps and their
+    transposes call (:mod:`jaxdsc.ops._linear`), so differentiation, forward or
+    reverse, never goes through a cond (linearising and transposing one made
+    tracing slower).
     """
     xla = _xla_raw(precision)
 
