@@ -12,6 +12,7 @@ from jaxdsc._types import Dtype
 from jaxdsc.activations import check_activation
 from jaxdsc.conv import Conv, DepthwiseConv, IntOrTuple, PointwiseConv
 from jaxdsc.norm import BatchNorm
+from jaxdsc.ops._select import IMPL_TABLE, op_impl
 from jaxdsc.padding import PaddingLike
 
 
@@ -26,6 +27,8 @@ class SeparableBlock(nnx.Module):
         out_features`` and unit strides; an input whose spatial size the block
         changes (e.g. ``"VALID"`` padding) raises at call time.
       momentum, epsilon: BatchNorm settings (Flax momentum convention).
+      impl: for every op of the block (:data:`jaxdsc.ops.IMPL_TABLE`), or a
+        depthwise implementation name (the other ops then ``"auto"``).
 
     Shapes: ``(N, *spatial, in_features) -> (N, *out_spatial, out_features)``.
     """
@@ -66,11 +69,13 @@ class SeparableBlock(nnx.Module):
                 "residual=True needs in_features == out_features and strides of 1, got "
                 f"in_features={self.in_features}, out_features={self.out_features}, strides={self.strides}"
             )
-        bn = dict(momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+        bn = dict(momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                  impl=op_impl("batchnorm", impl))
         self.bn_dw = BatchNorm(dw.out_features, **bn)
         self.pointwise = PointwiseConv(
             dw.out_features, out_features, use_bias=False, num_spatial_dims=len(self.kernel_size),
-            dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
+            dtype=dtype, param_dtype=param_dtype, precision=precision,
+            impl=op_impl("pointwise", impl), rngs=rngs,
         )
         self.bn_pw = BatchNorm(self.out_features, **bn)
         self.momentum, self.epsilon = self.bn_dw.momentum, self.bn_dw.epsilon
@@ -91,6 +96,8 @@ class SeparableBlock(nnx.Module):
 class ConvBlock(nnx.Module):
     """``conv -> BN -> act``: a dense conv unit, e.g. a network stem.
 
+    ``impl``: for both ops (:data:`jaxdsc.ops.IMPL_TABLE`) or a dense conv name.
+
     Shapes: ``(N, *spatial, in_features) -> (N, *out_spatial, out_features)``.
     """
 
@@ -109,20 +116,23 @@ class ConvBlock(nnx.Module):
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         precision: lax.PrecisionLike = None,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.activation = check_activation("activation", activation)
         self.conv = Conv(
             in_features, out_features, kernel_size, strides=strides, padding=padding,
             kernel_dilation=kernel_dilation, use_bias=False, dtype=dtype,
-            param_dtype=param_dtype, precision=precision, rngs=rngs,
+            param_dtype=param_dtype, precision=precision, impl=op_impl("dense", impl), rngs=rngs,
         )
+        self.impl = impl
         c = self.conv
         self.in_features, self.out_features = c.in_features, c.out_features
         self.kernel_size, self.strides, self.kernel_dilation = c.kernel_size, c.strides, c.kernel_dilation
         self.padding = c.padding
         self.bn = BatchNorm(self.out_features, momentum=momentum, epsilon=epsilon, dtype=dtype,
-                            param_dtype=param_dtype)
+                            param_dtype=param_dtype,
+                            impl=op_impl("batchnorm", impl) if impl in IMPL_TABLE else "auto")
         self.momentum, self.epsilon = self.bn.momentum, self.bn.epsilon
 
     def __call__(self, x: jax.Array) -> jax.Array:

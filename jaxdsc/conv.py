@@ -4,6 +4,13 @@ The spatial rank (1-D, 2-D or 3-D) is ``len(kernel_size)``; a bare int
 ``kernel_size`` means 2-D, and bare ints for ``strides`` / ``kernel_dilation``
 are broadcast to that rank. Stride > 1 together with dilation > 1 is allowed.
 Padding specs are documented in :mod:`jaxdsc.padding`.
+
+Every module takes ``impl``: ``"auto"``, ``"xla"``, ``"shift"`` or ``"native"``
+(a key of :data:`jaxdsc.ops.IMPL_TABLE`, which maps it to each op the module
+runs: ``"xla"`` is the reference everywhere, ``"shift"`` pure JAX without
+native kernels, ``"native"`` native kernels everywhere, CPU only), or a name
+specific to the module's op (``Conv(impl="patches")``). ``"auto"`` follows the
+active :func:`jaxdsc.ops.impl_policy`, then picks per platform.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from jaxdsc._types import Dtype, check_float_input
 from jaxdsc.activations import apply_activation, check_activation
 from jaxdsc.norm import BatchNorm
 from jaxdsc.ops import depthwise_conv, pointwise_conv
+from jaxdsc.ops._select import check_impl, op_impl
 from jaxdsc.ops.dense import DENSE_IMPLS, dense_conv
 from jaxdsc.ops.depthwise import IMPLS, Pairs
+from jaxdsc.ops.pointwise import PW_IMPLS
 from jaxdsc.ops.separable import separable_conv
 from jaxdsc.padding import PaddingLike, canonical_padding, resolve_padding
 
@@ -55,12 +64,6 @@ def pad_input(
     return x, tuple((0, 0) for _ in pad.pairs)
 
 
-def _check_impl(impl: str) -> str:
-    if impl != "auto" and impl not in IMPLS:
-        raise ValueError(f"impl must be 'auto' or one of {sorted(IMPLS)}, got {impl!r}")
-    return impl
-
-
 def _compute_dtype(dtype: Dtype | None, *arrays: jax.Array | None) -> jnp.dtype:
     if dtype is not None:
         return jnp.dtype(dtype)
@@ -82,7 +85,7 @@ class DepthwiseConv(nnx.Module):
         ``groups=C`` order).
       strides, kernel_dilation: int or tuple of the kernel's rank.
       padding: see :mod:`jaxdsc.padding`.
-      impl: ``"auto"`` or a name in :data:`jaxdsc.ops.IMPLS`.
+      impl: ``"auto"``, a name in :data:`jaxdsc.ops.IMPLS` or of :data:`jaxdsc.ops.IMPL_TABLE`.
 
     Shapes: ``(N, *spatial, C) -> (N, *out_spatial, C * M)``; kernel
     ``(*kernel_size, 1, C * M)``.
@@ -113,7 +116,7 @@ class DepthwiseConv(nnx.Module):
         )
         self.padding = canonical_padding(padding, len(self.kernel_size))
         self.use_bias = _checks.boolean("use_bias", use_bias)
-        self.impl = _check_impl(impl)
+        self.impl = check_impl("depthwise", impl, sorted(IMPLS))
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
@@ -151,7 +154,7 @@ class DepthwiseConv(nnx.Module):
             strides=self.strides,
             padding=pairs,
             dilation=self.kernel_dilation,
-            impl=self.impl,
+            impl=op_impl("depthwise", self.impl),
             precision=self.precision,
         )
         if bias is not None:
@@ -166,6 +169,7 @@ class PointwiseConv(nnx.Module):
       in_features, out_features: channel counts.
       num_spatial_dims: spatial rank of the inputs (1-3); fixes the PyTorch
         twin's weight shape ``(out, in, 1, ...)``.
+      impl: ``"auto"``, ``"xla"``, ``"native"`` or a key of :data:`jaxdsc.ops.IMPL_TABLE`.
 
     Shapes: ``(N, *spatial, in) -> (N, *spatial, out)``; kernel ``(in, out)``.
     """
@@ -182,11 +186,13 @@ class PointwiseConv(nnx.Module):
         precision: lax.PrecisionLike = None,
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = default_bias_init,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
         self.use_bias = _checks.boolean("use_bias", use_bias)
+        self.impl = check_impl("pointwise", impl, PW_IMPLS)
         self.num_spatial_dims = _checks.positive_int("num_spatial_dims", num_spatial_dims)
         if self.num_spatial_dims > 3:
             raise ValueError(f"num_spatial_dims must be 1, 2 or 3, got {num_spatial_dims!r}")
@@ -216,6 +222,7 @@ class PointwiseConv(nnx.Module):
             self._kernel().astype(dtype),
             None if bias is None else bias.astype(dtype),
             precision=self.precision,
+            impl=op_impl("pointwise", self.impl),
         )
 
 
@@ -262,6 +269,7 @@ class SeparableConv(nnx.Module):
         self.mid_activation = check_activation("mid_activation", mid_activation)
         self.merge = _checks.choice("merge", merge, (None, "concat"))
         self.use_bias = _checks.boolean("use_bias", use_bias)
+        check_impl("depthwise", impl, sorted(IMPLS))
         common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
                       kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
         self.depthwise = DepthwiseConv(
@@ -278,13 +286,15 @@ class SeparableConv(nnx.Module):
         self.impl = impl
         mid = self.depthwise.out_features
         rank = len(self.kernel_size)
-        self.norm = BatchNorm(mid, dtype=dtype, param_dtype=param_dtype) if mid_norm else None
+        pw_impl = op_impl("pointwise", impl)
+        self.norm = (BatchNorm(mid, dtype=dtype, param_dtype=param_dtype, impl=op_impl("batchnorm", impl))
+                     if mid_norm else None)
         self.pointwise = PointwiseConv(
-            mid, out_features, use_bias=use_bias, num_spatial_dims=rank, **common
+            mid, out_features, use_bias=use_bias, num_spatial_dims=rank, impl=pw_impl, **common
         )
         self.project = (
             PointwiseConv(mid + out_features, out_features, use_bias=use_bias,
-                          num_spatial_dims=rank, **common)
+                          num_spatial_dims=rank, impl=pw_impl, **common)
             if merge == "concat"
             else None
         )
@@ -312,7 +322,7 @@ class SeparableConv(nnx.Module):
             x.astype(dtype), dw.kernel[...].astype(dtype), pw.kernel[...].astype(dtype),
             None if dw_bias is None else dw_bias.astype(dtype),
             None if pw_bias is None else pw_bias.astype(dtype), strides=dw.strides, padding=pairs,
-            dilation=dw.kernel_dilation, impl=dw.impl, precision=dw.precision,
+            dilation=dw.kernel_dilation, impl=self.impl, precision=dw.precision,
         )
 
 
@@ -322,7 +332,7 @@ class Conv(nnx.Module):
     ``impl``: ``"auto"``, ``"xla"`` (``lax.conv_general_dilated``, the
     reference) or ``"patches"`` (im2col + one GEMM; what ``"auto"`` picks on
     CPU for inputs of at most 7 channels, 3-4x faster there), see
-    :mod:`jaxdsc.ops.dense`.
+    :mod:`jaxdsc.ops.dense`; or a key of :data:`jaxdsc.ops.IMPL_TABLE`.
 
     Shapes: ``(N, *spatial, in) -> (N, *out_spatial, out)``; kernel
     ``(*kernel_size, in, out)``.
@@ -348,9 +358,7 @@ class Conv(nnx.Module):
     ):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
-        if impl != "auto" and impl not in DENSE_IMPLS:
-            raise ValueError(f"impl must be 'auto' or one of {DENSE_IMPLS}, got {impl!r}")
-        self.impl = impl
+        self.impl = check_impl("dense", impl, DENSE_IMPLS)
         self.kernel_size, self.strides, self.kernel_dilation = _checks.spatial_args(
             kernel_size, strides, kernel_dilation, names=_SPATIAL_NAMES
         )
@@ -380,7 +388,7 @@ class Conv(nnx.Module):
         x, pairs = pad_input(x, self.padding, self.kernel_size, self.strides, self.kernel_dilation)
         y = dense_conv(
             x.astype(dtype), self._kernel().astype(dtype), strides=self.strides, padding=pairs,
-            dilation=self.kernel_dilation, precision=self.precision, impl=self.impl,
+            dilation=self.kernel_dilation, precision=self.precision, impl=op_impl("dense", self.impl),
         )
         if bias is not None:
             y = y + bias.astype(dtype)

@@ -28,6 +28,7 @@ from flax import nnx
 from jaxdsc import _checks
 from jaxdsc._types import Dtype, check_float_input
 from jaxdsc.activations import apply_activation, check_activation
+from jaxdsc.ops._select import check_impl, op_impl
 from jaxdsc.ops.batchnorm import BN_IMPLS, batch_norm_act_train, batch_norm_train
 
 __all__ = ["BatchNorm", "Constant", "Normalize", "batch_norm_train"]
@@ -50,7 +51,8 @@ class BatchNorm(nnx.Module):
         float64 for float64 inputs).
       param_dtype: dtype of scale, bias and the running statistics.
       impl: train-mode kernels, ``"auto"``, ``"xla"`` or ``"native"``
-        (:mod:`jaxdsc.ops.batchnorm`; ``"auto"``: native on CPU for float32).
+        (:mod:`jaxdsc.ops.batchnorm`; ``"auto"``: native on CPU for float32), or a
+        key of :data:`jaxdsc.ops.IMPL_TABLE` (``"shift"`` means ``"xla"`` here).
     """
 
     def __init__(
@@ -66,9 +68,7 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         del rngs  # deterministic initialisation; accepted for a uniform signature
-        if impl != "auto" and impl not in BN_IMPLS:
-            raise ValueError(f"impl must be 'auto' or one of {BN_IMPLS}, got {impl!r}")
-        self.impl = impl
+        self.impl = check_impl("batchnorm", impl, BN_IMPLS)
         self.num_features = _checks.positive_int("num_features", num_features)
         self.momentum = _checks.number("momentum", momentum, low=0.0, high=1.0)
         self.epsilon = _checks.number("epsilon", epsilon, low=0.0, high=math.inf, low_open=True)
@@ -122,7 +122,7 @@ class BatchNorm(nnx.Module):
             scale, bias = self.scale[...].astype(cdtype), self.bias[...].astype(cdtype)
             fuse = activation == "relu"
             y, mean, var = batch_norm_act_train(
-                xf, scale, bias, self.epsilon, relu=fuse, impl=self.impl
+                xf, scale, bias, self.epsilon, relu=fuse, impl=op_impl("batchnorm", self.impl)
             )
             m = self.momentum
             unbiased = var * (n / (n - 1))

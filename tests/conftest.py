@@ -204,17 +204,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """
     if os.environ.get("JAXDSC_REQUIRE_NATIVE", "0") in ("", "0"):
         return
-    from jaxdsc.ops import native, separable
+    import jaxdsc.ops  # noqa: F401  (every kernel family registers itself with the loader)
+    from jaxdsc.ops import native
 
     families = {
-        "depthwise": native.available,
-        "pointwise": native.pointwise_available,
-        "batch norm": native.batch_norm_available,
-        "fused separable": separable.fused_available,
+        "depthwise": "depthwise",
+        "pointwise": "pointwise",
+        "batch norm": "batchnorm",
+        "fused separable": "separable",
     }
-    missing = [name for name, ok in families.items() if not ok()]
+    missing = [name for name, family in families.items() if not native.available(family)]
     if missing:
-        why = native.unavailable_reason() or "failed their self-check or are missing from this build"
+        why = (native.unavailable_reason(families[missing[0]])
+               or "failed their self-check or are missing from this build")
         pytest.exit(
             f"JAXDSC_REQUIRE_NATIVE is set but the native {', '.join(missing)} kernels are unavailable: {why}",
             returncode=1,

@@ -143,7 +143,7 @@ def _bn_formula(x, scale, bias, relu):
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("impl", ["xla", "native"])
 def test_batch_norm(impl, relu):
-    if impl == "native" and not native.batch_norm_available():
+    if impl == "native" and not native.available("batchnorm"):
         pytest.skip("native batch norm unavailable")
     shapes = ((6, 5, 4, 11), (11,), (11,))
     primals, tangents = _arrays(4, *shapes), _arrays(5, *shapes)

@@ -23,7 +23,8 @@ import pytest
 from jaxdsc.ops import _build, native
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_library = pytest.mark.skipif(native._LIB is None, reason=f"no native library: {native.unavailable_reason()}")
+_LOAD_REASON = native._load()  # loads the library only (no family registered or checked)
+needs_library = pytest.mark.skipif(bool(_LOAD_REASON), reason=f"no native library: {_LOAD_REASON}")
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -61,8 +62,11 @@ def test_refuses_a_jaxlib_with_another_ffi_api(monkeypatch):
     assert f"built against XLA FFI API {info.ffi_api[0]}.{info.ffi_api[1]}" in reason
     assert f"has FFI API {info.ffi_api[0] + 1}.0" in reason
     assert "rebuild" in reason
-    lib, why = native._load()  # the loader itself refuses it
-    assert lib is None and reason in why
+    # The loader itself refuses it (asked afresh: the loaded library is cached).
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_LIB_REASON", None)
+    why = native._load()
+    assert native._LIB is None and reason in why
 
 
 def test_refuses_a_library_without_build_record():
@@ -135,17 +139,17 @@ def test_clang_build_passes_the_self_checks(tmp_path):
     assert out.returncode == 0 and "NOT built" not in out.stderr, out.stderr
     (lib,) = (tmp_path / "lib" / "jaxdsc").glob("_dwconv*.so")
     code = (
-        "from jaxdsc.ops import _build, native, separable\n"
+        "from jaxdsc.ops import _build, native, native_depthwise, separable\n"
         "assert native.available(), native.unavailable_reason()\n"
-        "assert native.pointwise_available() and native.batch_norm_available()\n"
+        "assert native.available('pointwise') and native.available('batchnorm')\n"
         "assert separable.fused_available()\n"
-        "print(_build.build_info(native._LIB).compiler)\n"
+        "print(_build.build_info(native.library()).compiler)\n"
         "for isa in ('generic', 'avx2', 'avx512'):\n"
         "    try:\n"
         "        native.set_isa(isa)\n"
         "    except ValueError:\n"
         "        continue\n"
-        "    assert native._self_check() == '', isa\n"
+        "    assert native_depthwise.self_check() == '', isa\n"
     )
     run = _python(code, JAXDSC_NATIVE_LIB=str(lib))
     assert run.returncode == 0, run.stderr
@@ -157,9 +161,14 @@ def test_every_ffi_target_is_exported_and_checks_out():
     """One binding pattern for all targets (csrc/ffi_binding.h): each is exported, and the
     self-checks call each one (operands, results and named attributes) against numpy
     (the fused separable forward: tests/test_ops_separable.py)."""
-    from jaxdsc.ops import batchnorm, native_pointwise, separable
+    from jaxdsc.ops import batchnorm, native_depthwise, native_pointwise, separable
 
-    for name in (*native._TARGETS, *native._PW_TARGETS, *native._BN_TARGETS, separable.SEP_TARGET):
-        assert hasattr(native._LIB, name), name
-    assert native._self_check() == ""
-    assert native_pointwise.self_check() and batchnorm.self_check()
+    lib = native.library()
+    for name in (*native_depthwise.TARGETS, *native_pointwise.TARGETS, *batchnorm.TARGETS, separable.SEP_TARGET):
+        assert hasattr(lib, name), name
+    # Registers each family's targets and runs its self-check (once, cached) ...
+    for family in (native_depthwise, native_pointwise, batchnorm, separable):
+        assert native.available(family.FAMILY), native.unavailable_reason(family.FAMILY)
+    # ... and each check, run again here, still passes.
+    for family in (native_depthwise, native_pointwise, batchnorm, separable):
+        assert family.self_check() == "", family.FAMILY

@@ -40,9 +40,9 @@ from jaxdsc.ops.batchnorm import (
     select_batch_norm_impl,
 )
 
-IMPLS = [i for i in BN_IMPLS if i != "native" or native.batch_norm_available()]
+IMPLS = [i for i in BN_IMPLS if i != "native" or native.available("batchnorm")]
 needs_native = pytest.mark.skipif(
-    not native.batch_norm_available(),
+    not native.available("batchnorm"),
     reason=f"native batch norm unavailable: {native.unavailable_reason() or 'old build or failed self-check'}",
 )
 RTOL = 1e-5
@@ -196,7 +196,7 @@ def test_select_impl():
     assert select_batch_norm_impl(small, vec, vec, "auto") == "xla"  # below NATIVE_MIN_ELEMENTS
     assert select_batch_norm_impl(small, vec, vec, "xla") == "xla"
     big = jnp.ones((NATIVE_MIN_ELEMENTS // 8, 8), jnp.float32)
-    want = "native" if native.batch_norm_available() else "xla"
+    want = "native" if native.available("batchnorm") else "xla"
     assert select_batch_norm_impl(big, vec, vec, "auto") == want
     big64 = big.astype(jnp.bfloat16)
     assert select_batch_norm_impl(big64, vec, vec, "auto") == "xla"
@@ -238,4 +238,4 @@ def test_module_rejects_bad_arguments():
 def test_native_kernels_pass_their_self_check():
     """A built library whose batch-norm kernels fail the load-time self-check would
     only make the native tests above skip; this fails instead."""
-    assert native.batch_norm_available()
+    assert native.available("batchnorm")

@@ -113,8 +113,8 @@ def test_conv_module_impls_agree_and_validate():
     ref = mods["xla"](x)
     for impl, m in mods.items():
         assert _rel_err(m(x), ref) < 1e-5, impl
-    with pytest.raises(ValueError, match=r"impl must be 'auto' or one of \('xla', 'patches'\), got 'shift'"):
-        jaxdsc.Conv(3, 8, 3, impl="shift", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"impl must be 'auto' or one of \[.*'patches'.*\] \(the dense op\), got 'im2col'"):
+        jaxdsc.Conv(3, 8, 3, impl="im2col", rngs=nnx.Rngs(0))
 
 
 def test_bad_shapes_name_the_problem():

@@ -28,12 +28,20 @@ from conftest import ISAS, native_isa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxdsc.ops import IMPLS, depthwise_conv, native, pointwise_conv, select_impl, shift
+from jaxdsc.ops import (
+    IMPLS,
+    depthwise_conv,
+    native,
+    native_depthwise,
+    pointwise_conv,
+    select_impl,
+    shift,
+)
 from jaxdsc.ops.depthwise import DepthwiseCall, make_call
 
 FAST = sorted(name for name in IMPLS if name != "xla")
 needs_native = pytest.mark.skipif(
-    not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
+    not native.available("depthwise"), reason=f"native kernels unavailable: {native.unavailable_reason()}"
 )
 
 
@@ -181,7 +189,7 @@ def test_standalone_backward_kernels(impl, case):
     g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
     dx_ref, dw_ref = vjp(g)
     call = make_call(x, w, strides=strides, padding=padding, dilation=dilation)
-    fam = {"shift": shift, "native": native}[impl].family(call)
+    fam = {"shift": shift, "native": native_depthwise}[impl].family(call)
     assert _rel_err(jax.jit(fam.grad_input)(g, w), dx_ref) <= 1e-5
     assert _rel_err(jax.jit(fam.grad_kernel)(x, g), dw_ref) <= 1e-5
 
@@ -214,7 +222,7 @@ def _call(**overrides) -> DepthwiseCall:
 
 
 def test_auto_selection():
-    fast = "native" if native.available() else "shift"
+    fast = "native" if native.available("depthwise") else "shift"
     assert select_impl(_call(), "auto") == (fast if jax.default_backend() == "cpu" else "xla")
     assert select_impl(_call(), "auto") in IMPLS
     assert select_impl(_call(backend="gpu"), "auto") == "xla"
@@ -232,8 +240,8 @@ def test_supports_declines():
     assert not shift.supports(_call(spatial=(1, 1), padding=((0, 0), (0, 0))))
     if "native" in IMPLS:
         nat = IMPLS["native"]
-        assert nat.supports(_call()) == native.available()
-        assert nat.supports(_call(dtype=jnp.dtype(jnp.bfloat16))) == native.available()
+        assert nat.supports(_call()) == native.available("depthwise")
+        assert nat.supports(_call(dtype=jnp.dtype(jnp.bfloat16))) == native.available("depthwise")
         assert not nat.supports(_call(dtype=jnp.dtype(jnp.float16)))
         assert not nat.supports(_call(backend="gpu"))
         assert not nat.supports(_call(spatial=(2, 2), padding=((0, 0), (0, 0))))

@@ -30,9 +30,9 @@ from conftest import ISAS, native_isa
 from jaxdsc.ops import native, native_pointwise, pointwise_conv
 from jaxdsc.ops.pointwise import NATIVE_MIN_ROWS, PW_IMPLS, select_pointwise_impl
 
-IMPLS = [i for i in PW_IMPLS if i != "native" or native.pointwise_available()]
+IMPLS = [i for i in PW_IMPLS if i != "native" or native.available("pointwise")]
 needs_native = pytest.mark.skipif(
-    not native.pointwise_available(),
+    not native.available("pointwise"),
     reason=f"native pointwise GEMM unavailable: {native.unavailable_reason() or 'old build'}",
 )
 
@@ -195,7 +195,7 @@ def test_auto_selection():
     big = jnp.zeros((1, NATIVE_MIN_ROWS, 8))
     small = jnp.zeros((1, NATIVE_MIN_ROWS - 1, 8))
     w = jnp.zeros((8, 4))
-    native_ok = native.pointwise_available() and jax.default_backend() == "cpu"
+    native_ok = native.available("pointwise") and jax.default_backend() == "cpu"
     assert select_pointwise_impl(big, w) == ("native" if native_ok else "xla")
     assert select_pointwise_impl(small, w) == "xla"
     # float16 and mixed dtypes stay on XLA's GEMM.
@@ -222,7 +222,7 @@ def test_falls_back_without_native_library():
         "import jax.numpy as jnp; from jaxdsc.ops import native, pointwise_conv\n"
         "from jaxdsc.ops.pointwise import select_pointwise_impl\n"
         "x, w = jnp.ones((1, 8192, 3)), jnp.ones((3, 2))\n"
-        "assert not native.pointwise_available()\n"
+        "assert not native.available('pointwise')\n"
         "assert float(pointwise_conv(x, w).sum()) == 8192 * 2 * 3\n"
         "try:\n    pointwise_conv(x, w, impl='native')\nexcept ValueError:\n    pass\n"
         "else:\n    raise SystemExit('native did not raise')\n"

@@ -63,6 +63,8 @@ class DSCNet(nnx.Module):
       depth: separable blocks per stage (3 stages, see :func:`block_plan`).
       activation: activation name used throughout.
       momentum, epsilon: BatchNorm settings (Flax momentum convention).
+      impl: ``"auto"``, ``"xla"``, ``"shift"`` or ``"native"``, for every op
+        (stem, depthwise, pointwise, BatchNorm; :data:`jaxdsc.ops.IMPL_TABLE`).
 
     Returns logits ``(N, num_classes)``. Blocks whose input and output shapes
     agree are residual.
@@ -98,7 +100,7 @@ class DSCNet(nnx.Module):
         else:
             mean, std = (0.5,) * in_features, (0.5,) * in_features
         self.normalize = Normalize(in_features, mean, std, param_dtype=param_dtype)
-        self.stem = ConvBlock(in_features, width, 3, **common)
+        self.stem = ConvBlock(in_features, width, 3, impl=impl, **common)
         self.blocks = nnx.List([
             SeparableBlock(
                 b.in_features, b.out_features, 3, strides=b.stride, kernel_dilation=b.dilation,

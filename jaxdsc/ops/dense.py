@@ -15,6 +15,9 @@ and gradients of both against each other and against float64):
   18.7 ms for the weight gradient with ``"xla"``, 2.1 and 5.1 ms with
   ``"patches"`` (issue 5, BENCHMARKS.md). From 8 input channels on, ``"xla"``
   measured faster (the patches are ``prod(kernel_size)`` times the input).
+
+``"auto"`` is resolved per platform inside the program (:mod:`jaxdsc.ops._select`):
+``"patches"`` only in the CPU branch.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdsc.ops._select import on_platforms, platform_of_default_backend, with_policy
 from jaxdsc.ops.pointwise import pointwise_conv
 
 DENSE_IMPLS = ("xla", "patches")
@@ -36,15 +40,19 @@ DENSE_IMPLS = ("xla", "patches")
 PATCHES_MAX_IN = 7
 
 
-def select_dense_impl(x: jax.Array, impl: str = "auto") -> str:
-    """Name of the implementation ``impl`` resolves to for input ``x`` ``(N, *spatial, C_in)``."""
+def select_dense_impl(x: jax.Array, impl: str = "auto", *, platform: str | None = None) -> str:
+    """Name of the implementation ``impl`` resolves to for input ``x`` ``(N, *spatial, C_in)``.
+
+    ``platform``: ``"cpu"`` or ``"default"`` (other platforms); None: that of
+    ``jax.default_backend()``. The active :func:`jaxdsc.ops.impl_policy` applies.
+    """
+    impl = with_policy("dense", impl)
     if impl in DENSE_IMPLS:
         return impl
     if impl != "auto":
         raise ValueError(f"impl must be 'auto' or one of {DENSE_IMPLS}, got {impl!r}")
-    if jax.default_backend() == "cpu" and x.shape[-1] <= PATCHES_MAX_IN:
-        return "patches"
-    return "xla"
+    platform = platform or platform_of_default_backend()
+    return "patches" if platform == "cpu" and x.shape[-1] <= PATCHES_MAX_IN else "xla"
 
 
 def _patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -105,13 +113,18 @@ def dense_conv(
         raise ValueError(
             f"strides, padding and dilation need {rank} entries each, got {strides}, {padding}, {dilation}"
         )
-    if select_dense_impl(x, impl) == "patches":
-        return _patches(x, kernel, strides, padding, dilation, precision)
     spatial = "DHW"[3 - rank:]
     low = x.dtype in (jnp.bfloat16, jnp.float16)
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=tuple(strides), padding=tuple(padding),
-        rhs_dilation=tuple(dilation),
-        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
-        precision=precision, preferred_element_type=jnp.float32 if low else None,
-    ).astype(x.dtype)
+
+    def xla(x, kernel):
+        return lax.conv_general_dilated(
+            x, kernel, window_strides=tuple(strides), padding=tuple(padding),
+            rhs_dilation=tuple(dilation),
+            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+            precision=precision, preferred_element_type=jnp.float32 if low else None,
+        ).astype(x.dtype)
+
+    fns = {"xla": xla, "patches": lambda x, k: _patches(x, k, strides, padding, dilation, precision)}
+    if with_policy("dense", impl) != "auto":
+        return fns[select_dense_impl(x, impl)](x, kernel)
+    return on_platforms((x, kernel), lambda p: select_dense_impl(x, platform=p), lambda n, _: fns[n])

@@ -3,24 +3,30 @@
 ``depthwise_conv`` is the one entry point. It dispatches to an implementation
 by name; every implementation computes the same function as the reference
 ``"xla"`` path, a single ``lax.conv_general_dilated`` with
-``feature_group_count=C`` and ``rhs_dilation``. ``impl="auto"`` picks the
-fastest registered implementation that supports the backend and the call.
+``feature_group_count=C`` and ``rhs_dilation``. ``impl="auto"`` picks, per
+platform inside the program (:mod:`jaxdsc.ops._select`), the fastest
+registered implementation that lists the platform in its ``auto_backends``
+and supports the call; the active :func:`jaxdsc.ops.impl_policy` applies first.
 
-Registered here: ``"xla"`` (reference; the ``"auto"`` choice on GPU/TPU).
+Registered here: ``"xla"`` (reference; the ``"auto"`` choice off CPU).
 :mod:`jaxdsc.ops.shift` adds ``"shift"`` (pure JAX) and
-:mod:`jaxdsc.ops.native` adds ``"native"`` (C++ kernel through ``jax.ffi``,
-only when its shared library loads); both are ``"auto"`` candidates on CPU,
-where XLA's grouped convolution is 50-110x slower than PyTorch.
+:mod:`jaxdsc.ops.native_depthwise` adds ``"native"`` (C++ kernel through
+``jax.ffi``, when its shared library is there); both are ``"auto"``
+candidates on CPU, where XLA's grouped convolution is 50-110x slower than PyTorch.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxdsc.ops._select import on_platforms, with_policy
+from jaxdsc.ops._vjp import Family, make_family
 
 Pairs = Sequence[tuple[int, int]]
 
@@ -71,13 +77,18 @@ class Impl:
 
     ``fn(x, kernel, call, precision)`` computes the conv; ``supports(call)``
     says whether it can; ``priority`` orders candidates for ``"auto"`` (higher
-    first) on the backends listed in ``auto_backends``.
+    first) on the backends listed in ``auto_backends``. ``kernels(call)``, if
+    given, returns its raw ``(forward, grad_input, grad_kernel, grad_both or
+    None)`` for one geometry (the :func:`jaxdsc.ops._vjp.make_family`
+    arguments): ``"auto"`` then makes the platform choice per kernel, inside
+    one differentiable family.
     """
 
     fn: Callable[..., jax.Array]
     supports: Callable[[DepthwiseCall], bool]
     priority: int = 0
     auto_backends: tuple[str, ...] = ()
+    kernels: Callable[[DepthwiseCall], tuple] | None = None
 
 
 IMPLS: dict[str, Impl] = {}
@@ -109,7 +120,48 @@ def _xla(x: jax.Array, kernel: jax.Array, call: DepthwiseCall, precision) -> jax
     return y.astype(x.dtype)
 
 
-register_impl("xla", Impl(fn=_xla, supports=lambda call: True, priority=0))
+def _xla_kernels(call: DepthwiseCall, precision=None) -> tuple:
+    """The reference conv and its exact transposes (what autodiff of ``"xla"`` computes)."""
+
+    def fwd(x, w):
+        return _xla(x, w, call, precision)
+
+    def grad_input(g, w):
+        x = jax.ShapeDtypeStruct((g.shape[0], *call.spatial, call.channels), g.dtype)
+        return jax.linear_transpose(lambda x: fwd(x, w), x)(g)[0]
+
+    def grad_kernel(x, g):
+        w = jax.ShapeDtypeStruct((*call.kernel_size, 1, call.out_channels), x.dtype)
+        return jax.linear_transpose(lambda w: fwd(x, w), w)(g)[0]
+
+    return fwd, grad_input, grad_kernel, None
+
+
+register_impl("xla", Impl(fn=_xla, supports=lambda call: True, priority=0, kernels=_xla_kernels))
+
+
+@functools.lru_cache(maxsize=512)
+def _platform_family(cpu: str, other: str, calls: tuple[DepthwiseCall, DepthwiseCall], precision) -> Family:
+    """One family whose raw kernels are ``lax.platform_dependent`` (CPU: ``cpu``, else ``other``).
+
+    The choice sits in the raw kernels that the tangent maps and their
+    transposes call (:mod:`jaxdsc.ops._linear`), so differentiation never goes
+    through a cond (linearising and transposing one per layer made tracing
+    several times slower).
+    """
+    a = IMPLS[cpu].kernels(calls[0])  # type: ignore[misc]
+    b = (_xla_kernels(calls[1], precision) if other == "xla"
+         else IMPLS[other].kernels(calls[1]))  # type: ignore[misc]
+
+    def pd(f, g):
+        return lambda *args: lax.platform_dependent(*args, cpu=f, default=g)
+
+    def pair(k):
+        return lambda x, g, w: (k[1](g, w), k[2](x, g))
+
+    both = None if a[3] is None and b[3] is None else pd(a[3] or pair(a), b[3] or pair(b))
+    return make_family(pd(a[0], b[0]), pd(a[1], b[1]), pd(a[2], b[2]), both)
+
 
 
 def select_impl(call: DepthwiseCall, impl: str) -> str:
@@ -209,5 +261,15 @@ def depthwise_conv(
       bfloat16/float16 inputs).
     """
     call = make_call(x, kernel, strides=strides, padding=padding, dilation=dilation)
-    name = select_impl(call, impl)
-    return IMPLS[name].fn(x, kernel, call, precision)
+    impl = with_policy("depthwise", impl)
+    if impl != "auto":
+        return IMPLS[select_impl(call, impl)].fn(x, kernel, call, precision)
+    calls = {p: replace(call, backend=p) for p in ("cpu", "default")}
+    cpu, other = (select_impl(calls[p], "auto") for p in ("cpu", "default"))
+    if cpu != other and IMPLS[cpu].kernels and IMPLS[other].kernels:
+        return _platform_family(cpu, other, (calls["cpu"], calls["default"]), precision).conv(x, kernel)
+
+    def run(name: str, platform: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        return lambda x, kernel: IMPLS[name].fn(x, kernel, calls[platform], precision)
+
+    return on_platforms((x, kernel), lambda p: select_impl(calls[p], "auto"), run)

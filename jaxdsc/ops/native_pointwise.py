@@ -1,34 +1,52 @@
 """Native pointwise (1x1) conv GEMM for CPU through ``jax.ffi`` (``impl="native"``).
 
-The C++ GEMM lives in the library that :mod:`jaxdsc.ops.native` loads (its
-targets ``jaxdsc_pw_*`` are registered there); this module holds the FFI calls,
-their differentiable (any-order) wrappers and the load-time self-check.
+The C++ GEMM lives in the library that :mod:`jaxdsc.ops.native` loads; this
+module registers its targets ``jaxdsc_pw_*`` and self-check there as the
+``"pointwise"`` family, and holds the FFI calls (with their per-shard forms,
+:mod:`jaxdsc.ops._partition`) and their differentiable (any-order) wrappers.
+
+y[M, N] = x[M, K] . w[K, N] + b on the (N * spatial, C) view: a tall-skinny
+GEMM with packed w, register tiles of 6 x 64 floats (AVX-512), rows split
+over XLA's intra-op pool; the weight gradient sums per-task partials in a
+fixed order (deterministic) and also yields the bias gradient.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxdsc.ops import native
+from jaxdsc.ops._partition import BATCH, SUM, batch_op
 from jaxdsc.ops._vjp import BiasKernels, Family, make_family
-from jaxdsc.ops.native import _DTYPES
+
+FAMILY = "pointwise"
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the kernels' dtypes
+TARGETS = ("jaxdsc_pw_forward", "jaxdsc_pw_grad_input", "jaxdsc_pw_grad_kernel", "jaxdsc_pw_grad_all")
 
 
-def _pw_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+def available() -> bool:
+    """True when the native pointwise GEMM is built, loaded and self-checked."""
+    return native.available(FAMILY)
+
+
+def _ffi_pw_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
     return jax.ffi.ffi_call("jaxdsc_pw_forward", out, vmap_method="sequential")(x, w, b)
 
 
-def _pw_grad_input(g: jax.Array, w: jax.Array) -> jax.Array:
+def _ffi_pw_grad_input(g: jax.Array, w: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((g.shape[0], w.shape[0]), g.dtype)
     return jax.ffi.ffi_call("jaxdsc_pw_grad_input", out, vmap_method="sequential")(g, w)
 
 
-def _pw_grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _ffi_pw_grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     out = (
         jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype),
         jax.ShapeDtypeStruct((g.shape[1],), x.dtype),
@@ -37,7 +55,7 @@ def _pw_grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Arr
     return dw, db
 
 
-def _pw_grad_all(
+def _ffi_pw_grad_all(
     x: jax.Array, g: jax.Array, w: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dx, dw, db) in one pass over g: each chunk of g rows feeds dx, then dw, from cache."""
@@ -49,8 +67,11 @@ def _pw_grad_all(
     return jax.ffi.ffi_call("jaxdsc_pw_grad_all", out, vmap_method="sequential")(x, g, w)
 
 
-def _pw_forward_nobias(x: jax.Array, w: jax.Array) -> jax.Array:
-    return _pw_forward(x, w, jnp.zeros((w.shape[1],), x.dtype))
+# Rows (axis 0 of the 2-D views) are N * spatial: split with the batch.
+_pw_forward = batch_op(_ffi_pw_forward, batched=(True, False, False), outputs=(BATCH,))
+_pw_grad_input = batch_op(_ffi_pw_grad_input, batched=(True, False), outputs=(BATCH,))
+_pw_grad_kernel_bias = batch_op(_ffi_pw_grad_kernel_bias, batched=(True, True), outputs=(SUM, SUM))
+_pw_grad_all = batch_op(_ffi_pw_grad_all, batched=(True, True, False), outputs=(BATCH, SUM, SUM))
 
 
 # Backward pass as one kernel (dx, dw, db from a single pass over g), or as
@@ -58,9 +79,61 @@ def _pw_forward_nobias(x: jax.Array, w: jax.Array) -> jax.Array:
 PW_FUSED_BACKWARD = True
 
 
-@functools.lru_cache(maxsize=2)
-def _pw_ops(fused: bool) -> Family:
-    """Differentiable (any order, forward and reverse mode) native pointwise ops on 2-D views."""
+class _Raw(NamedTuple):
+    """Raw kernels on 2-D views: the native calls, XLA's, or a per-platform choice of the two."""
+
+    forward: Callable  # (x, w, b) -> x w + b
+    grad_input: Callable  # (g, w) -> g w^T
+    grad_kernel_bias: Callable  # (x, g) -> (x^T g, colsum g)
+    grad_all: Callable  # (x, g, w) -> (g w^T, x^T g, colsum g)
+
+
+_NATIVE = _Raw(_pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all)
+
+
+@functools.lru_cache(maxsize=16)
+def _xla_raw(precision) -> _Raw:
+    def dot(a, b, contract):
+        acc = jnp.float32 if a.dtype in (jnp.bfloat16, jnp.float16) else None
+        return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                               preferred_element_type=acc).astype(a.dtype)
+
+    def grad_kernel_bias(x, g):
+        return dot(x, g, ((0,), (0,))), jnp.sum(g.astype(jnp.float32), axis=0).astype(x.dtype)
+
+    return _Raw(
+        lambda x, w, b: (dot(x, w, ((1,), (0,))) + b).astype(x.dtype),
+        lambda g, w: dot(g, w, ((1,), (1,))),
+        grad_kernel_bias,
+        lambda x, g, w: (dot(g, w, ((1,), (1,))), *grad_kernel_bias(x, g)),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _platform_raw(precision) -> _Raw:
+    """Native kernels in the CPU branch of the program, XLA's elsewhere.
+
+    The choice sits in the raw kernels that the tangent maps and their
+    transposes call (:mod:`jaxdsc.ops._linear`), so differentiation, forward or
+    reverse, never goes through a cond (linearising and transposing one made
+    tracing slower).
+    """
+    xla = _xla_raw(precision)
+
+    def pd(f, g):
+        return lambda *args: lax.platform_dependent(*args, cpu=f, default=g)
+
+    return _Raw(*(pd(a, b) for a, b in zip(_NATIVE, xla, strict=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _pw_ops(fused: bool, raw: _Raw = _NATIVE) -> Family:
+    """Differentiable (any order, forward and reverse mode) pointwise ops on 2-D views from ``raw``."""
+    _pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all = raw
+
+    def _pw_forward_nobias(x, w):
+        return _pw_forward(x, w, jnp.zeros((w.shape[1],), x.dtype))
+
     return make_family(
         _pw_forward_nobias,
         _pw_grad_input,
@@ -74,40 +147,41 @@ def pointwise_supports(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) 
     """float32 or bfloat16 operands of one dtype, non-empty channel dims, library available."""
     dtype = jnp.dtype(x.dtype)
     return (
-        dtype in _DTYPES
+        dtype in DTYPES
         and jnp.dtype(kernel.dtype) == dtype
         and (bias is None or jnp.dtype(bias.dtype) == dtype)
         and x.ndim >= 1
         and kernel.ndim == 2
         and min(kernel.shape) >= 1
-        and native.pointwise_available()
+        and available()
     )
 
 
-def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """``impl="native"`` pointwise conv: ``x (..., K) . kernel (K, N) + bias (N,)``."""
-    ops = _pw_ops(PW_FUSED_BACKWARD)
+def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+                   portable: bool = False, precision: lax.PrecisionLike = None) -> jax.Array:
+    """``impl="native"`` pointwise conv: ``x (..., K) . kernel (K, N) + bias (N,)``.
+
+    ``portable``: native in the CPU branch of the program only, ``dot_general``
+    with ``precision`` on other platforms (what ``impl="auto"`` runs).
+    """
+    ops = _pw_ops(PW_FUSED_BACKWARD, _platform_raw(precision) if portable else _NATIVE)
     x2 = x.reshape(-1, x.shape[-1])
     y2 = ops.conv(x2, kernel) if bias is None else ops.affine(x2, kernel, bias)
     return y2.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def self_check() -> bool:
-    """The pointwise targets on a small odd case against numpy (run by ``native.available``)."""
+def self_check() -> str:
+    """The pointwise targets on a small odd case against numpy; "" if they agree."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((23, 7)).astype(np.float32)
     w = rng.standard_normal((7, 19)).astype(np.float32)
     b = rng.standard_normal((19,)).astype(np.float32)
     g = rng.standard_normal((23, 19)).astype(np.float32)
-    try:
-        with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-            y = np.asarray(jax.jit(_pw_forward)(x, w, b))
-            dx = np.asarray(jax.jit(_pw_grad_input)(g, w))
-            dw, db = (np.asarray(v) for v in jax.jit(_pw_grad_kernel_bias)(x, g))
-            dx2, dw2, db2 = (np.asarray(v) for v in jax.jit(_pw_grad_all)(x, g, w))
-    except Exception:  # any failure here means "do not use native pointwise"
-        return False
-    return all(
+    y = np.asarray(jax.jit(_ffi_pw_forward)(x, w, b))
+    dx = np.asarray(jax.jit(_ffi_pw_grad_input)(g, w))
+    dw, db = (np.asarray(v) for v in jax.jit(_ffi_pw_grad_kernel_bias)(x, g))
+    dx2, dw2, db2 = (np.asarray(v) for v in jax.jit(_ffi_pw_grad_all)(x, g, w))
+    ok = all(
         got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
         for got, ref in (
             (y, x @ w + b),
@@ -119,3 +193,7 @@ def self_check() -> bool:
             (db2, g.sum(0)),
         )
     )
+    return "" if ok else "a target disagrees with the numpy reference"
+
+
+native.register_family(FAMILY, TARGETS, self_check)

@@ -11,7 +11,9 @@ checks values and gradients of each against a float64 reference):
   bfloat16 with float32 accumulation; bias fused into the forward, the bias
   gradient into the weight gradient). ``"auto"`` picks it on CPU for inputs
   with at least :data:`NATIVE_MIN_ROWS` rows, where it measured faster than
-  XLA's GEMM (BENCHMARKS.md, "Layer benchmarks (issue 5)").
+  XLA's GEMM (BENCHMARKS.md, "Layer benchmarks (issue 5)"), in the CPU
+  branch of the program only (:mod:`jaxdsc.ops._select`); under a
+  batch-sharded ``jit`` each device multiplies its own rows.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdsc.ops._select import native_or_xla
+from jaxdsc.ops import native_pointwise
+from jaxdsc.ops._select import native_or_xla, on_platforms, platform_of_default_backend, with_policy
 
 PW_IMPLS = ("xla", "native")
 
@@ -46,27 +49,27 @@ def _xla(x, kernel, bias, precision):
     return y.astype(x.dtype)
 
 
-def _native_supports(x, kernel, bias) -> bool:
-    from jaxdsc.ops import native_pointwise
-
-    return jax.default_backend() == "cpu" and native_pointwise.pointwise_supports(x, kernel, bias)
-
-
 def select_pointwise_impl(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, impl: str = "auto"
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, impl: str = "auto", *,
+    platform: str | None = None,
 ) -> str:
-    """Name of the implementation ``impl`` resolves to for these operands."""
+    """Name of the implementation ``impl`` resolves to for these operands.
+
+    ``platform``: ``"cpu"`` or ``"default"`` (other platforms); None: that of
+    ``jax.default_backend()``. The active :func:`jaxdsc.ops.impl_policy` applies.
+    """
     return native_or_xla(
-        impl,
+        with_policy("pointwise", impl),
         PW_IMPLS,
-        supported=lambda: _native_supports(x, kernel, bias),
+        supported=lambda: native_pointwise.pointwise_supports(x, kernel, bias),
         large=math.prod(x.shape[:-1]) >= NATIVE_MIN_ROWS,
         requirement=lambda: (
-            "impl='native' needs the CPU backend, the native library "
-            "(jaxdsc.ops.native.pointwise_available()) and float32 or bfloat16 "
+            "impl='native' needs the native library "
+            "(jaxdsc.ops.native.available('pointwise')) and float32 or bfloat16 "
             f"operands of one dtype; got x {x.dtype}, kernel {kernel.dtype}"
-            + ("" if bias is None else f", bias {bias.dtype}")
+            + ("" if bias is None else f", bias {bias.dtype}") + " (CPU only)"
         ),
+        platform=platform or platform_of_default_backend(),
     )
 
 
@@ -97,8 +100,17 @@ def pointwise_conv(
         )
     if bias is not None and bias.shape != (kernel.shape[1],):
         raise ValueError(f"bias must have shape ({kernel.shape[1]},), got {bias.shape}")
-    if select_pointwise_impl(x, kernel, bias, impl) == "native":
-        from jaxdsc.ops import native_pointwise
-
-        return native_pointwise.pointwise_conv(x, kernel, bias)
-    return _xla(x, kernel, bias, precision)
+    fns = {
+        "xla": lambda x, kernel, bias: _xla(x, kernel, bias, precision),
+        "native": native_pointwise.pointwise_conv,
+    }
+    if with_policy("pointwise", impl) != "auto":
+        return fns[select_pointwise_impl(x, kernel, bias, impl)](x, kernel, bias)
+    cpu, other = (select_pointwise_impl(x, kernel, bias, platform=p) for p in ("cpu", "default"))
+    if (cpu, other) == ("native", "xla"):
+        return native_pointwise.pointwise_conv(x, kernel, bias, portable=True, precision=precision)
+    return on_platforms(
+        (x, kernel, bias),
+        lambda p: select_pointwise_impl(x, kernel, bias, platform=p),
+        lambda name, _: fns[name],
+    )

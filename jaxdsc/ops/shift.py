@@ -141,14 +141,20 @@ def _grad_kernel(x: jax.Array, g: jax.Array, call: DepthwiseCall) -> jax.Array:
     return dw.reshape(*call.kernel_size, 1, call.out_channels).astype(x.dtype)
 
 
-@functools.lru_cache(maxsize=512)
-def family(call: DepthwiseCall) -> Family:
-    """Differentiable (any order) shift-conv ops for one static geometry."""
-    return make_family(
+def kernels(call: DepthwiseCall) -> tuple:
+    """The raw forward, input- and weight-gradient kernels for one geometry (no fused backward)."""
+    return (
         lambda x, w: _forward(x, w, call),
         lambda g, w: _grad_input(g, w, call),
         lambda x, g: _grad_kernel(x, g, call),
+        None,
     )
+
+
+@functools.lru_cache(maxsize=512)
+def family(call: DepthwiseCall) -> Family:
+    """Differentiable (any order) shift-conv ops for one static geometry."""
+    return make_family(*kernels(call)[:3])
 
 
 def shift_conv(x: jax.Array, kernel: jax.Array, call: DepthwiseCall, precision=None) -> jax.Array:
@@ -162,4 +168,5 @@ def supports(call: DepthwiseCall) -> bool:
     return jnp.issubdtype(call.dtype, jnp.floating) and min(call.out_spatial) >= 1
 
 
-register_impl("shift", Impl(fn=shift_conv, supports=supports, priority=10, auto_backends=("cpu",)))
+register_impl("shift", Impl(fn=shift_conv, supports=supports, priority=10, auto_backends=("cpu",),
+                            kernels=kernels))
