@@ -46,9 +46,10 @@ def test_mobilenet_v2_backbone_eval_train_roundtrips_files(separable, tmp_path):
     out = zc.jax_forward(jm, zc.nchw_to_nhwc(x))
     assert out.shape == (2, 65, 97, 3)  # logits at input resolution, NHWC
     zc.check_files(tm, jm, tmp_path)
-    # Train mode normalises the image-pooling branch over N values of 1x1 maps; a batch of 4
-    # keeps that well conditioned in float32 (the float64 test below proves the function).
-    zc.check_train(tm, jm, _x((4, 3, 48, 48), seed=1))
+    # Train mode normalises the image-pooling branch over N values of 1x1 maps: with N = 4 the
+    # float32 roundoff reached 1.3e-4 of max|y|; N = 8 keeps it well conditioned (the float64
+    # test below proves the function itself).
+    zc.check_train(tm, jm, _x((8, 3, 40, 40), seed=1))
 
 
 def test_gradients_float64(x64):
