@@ -138,7 +138,8 @@ def _run_check(check: Callable[[], str]) -> str:
 
     try:
         # Evaluate now even when first asked from inside a jit trace, on the CPU device.
-        with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+        # A local device: in a multi-process run jax.devices()[0] may belong to another process.
+        with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]):
             return check()
     except Exception as err:  # any failure here means "do not use these kernels"
         return f"self-check failed to run: {type(err).__name__}: {err}"
