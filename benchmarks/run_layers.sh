@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU layer benchmark of issue 5 (see BENCHMARKS.md, "Layer benchmarks (issue 5)").
+# CPU layer benchmark of issue 5 (see BENCHMARKS.md, "Layers (`nopf2`)").
 # Usage: benchmarks/run_layers.sh [nopf2|default] [extra args for benchmarks/layers.py]
 #   nopf2   (default): glibc malloc never returns big buffers to the OS, so
 #           neither framework pays page faults for fresh outputs every call;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Whole-training-step benchmark of issue 5 (see benchmarks/train_step.py and BENCHMARKS.md,
-# "Training step and CIFAR-10").
+# "Whole training step").
 # Usage: benchmarks/run_train_step.sh [nopf2|default|both] [extra args for benchmarks/train_step.py]
 #   nopf2   (default): glibc malloc keeps big buffers (no fresh-page faults on every step), as
 #           benchmarks/run_layers.sh;

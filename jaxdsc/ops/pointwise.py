@@ -11,7 +11,7 @@ checks values and gradients of each against a float64 reference):
   bfloat16 with float32 accumulation; bias fused into the forward, the bias
   gradient into the weight gradient). ``"auto"`` picks it on CPU for inputs
   with at least :data:`NATIVE_MIN_ROWS` rows, where it measured faster than
-  XLA's GEMM (BENCHMARKS.md, "Layer benchmarks (issue 5)"), in the CPU
+  XLA's GEMM (BENCHMARKS.md, "Layers (`nopf2`)"), in the CPU
   branch of the program only (:mod:`jaxdsc.ops._select`); under a
   batch-sharded ``jit`` each device multiplies its own rows.
 """
