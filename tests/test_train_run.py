@@ -165,7 +165,10 @@ def test_eight_devices_match_one(reference, data_dir, tmp_path):
     ref, _ = read_arrays(reference)
     got, _ = read_arrays(tmp_path / "eight")
     for key in ref:
-        np.testing.assert_allclose(got[key], ref[key], rtol=1e-3, atol=1e-4, err_msg=key)
+        # atol 5e-4: sharded, BatchNorm runs XLA's formulas per shard + an all-reduce while one
+        # device runs the native kernel; the summation orders differ and drift over the run's
+        # steps (1.7e-4 seen on an EMA BN bias of 2.3e-3 after the per-shard change).
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-3, atol=5e-4, err_msg=key)
 
 
 def test_nan_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch, capsys):
