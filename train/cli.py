@@ -49,7 +49,9 @@ def _add_field(group: argparse._ArgumentGroup, name: str, hint: Any, default: An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Train jaxdsc's DSCNet on CIFAR-10. Rerunning a command with the "
+    parser = _Parser(prog=PROG, description="Train jaxdsc models: CIFAR-10 (DSCNet or a zoo classifier), "
+                                            "shapes-seg segmentation (DeepLabV3+, U-Net) or the TCN paper's "
+                                            "sequence tasks. Rerunning a command with the "
                                             "same --workdir resumes it from its newest checkpoint. "
                                             "`jaxdsc-train export WORKDIR OUT.safetensors` writes a run's "
                                             "model for PyTorch users (see `jaxdsc-train export --help`).",
@@ -59,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="starting config: tiny (CPU smoke test), cifar10-cpu (~30 min on 2 CPU cores), "
-                             "cifar10 (accelerator, ~94%%); adding, copy, music-jsb, music-nottingham (TCN "
-                             "sequence tasks, docs/sequences.md); flags override it")
+                             "cifar10 (accelerator, ~94%%); shapes-seg, shapes-seg-unet (segmentation: "
+                             "DeepLabV3+ / U-Net, docs/segmentation.md); adding, copy, music-jsb, "
+                             "music-nottingham (TCN sequence tasks, docs/sequences.md); flags override it")
     parser.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     defaults = PRESETS["default"]
     for section, cls in SECTIONS.items():

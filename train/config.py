@@ -37,14 +37,19 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
 
-TASKS = ("cifar10", "adding", "copy", "music-jsb", "music-nottingham")
+TASKS = ("cifar10", "shapes-seg", "adding", "copy", "music-jsb", "music-nottingham")
+SEQ_TASKS = ("adding", "copy", "music-jsb", "music-nottingham")
+SEG_MODELS = ("jaxdsc:deeplabv3plus", "jaxdsc:unet")
+SHAPES_SEG_CLASSES = 5  # train.seg_data.NUM_CLASSES (checked by a test; config imports no data code)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: Literal["cifar10", "adding", "copy", "music-jsb", "music-nottingham"] = _f(
-        "cifar10", "cifar10 (DSCNet), or a TCN paper sequence task (TCN; train/seq_loop.py, docs/sequences.md); "
-                   "music: --data-dir holds JSB_Chorales.mat / Nottingham.mat")
+    task: Literal["cifar10", "shapes-seg", "adding", "copy", "music-jsb", "music-nottingham"] = _f(
+        "cifar10", "cifar10 (DSCNet or a zoo classifier); shapes-seg (generated segmentation, DeepLabV3+ or "
+                   "U-Net, docs/segmentation.md); or a TCN paper sequence task (TCN; train/seq_loop.py, "
+                   "docs/sequences.md); music: --data-dir holds JSB_Chorales.mat / Nottingham.mat")
+    image_size: int = _f(128, "shapes-seg: image height = width")
     seq_length: int = _f(0, "adding: T, copy: blank length (0: the paper's 600 / 1000)")
     data_dir: str = _f("", "CIFAR-10 location: a dir holding cifar-10-batches-bin/ or cifar-10-batches-py/ "
                            "(pickle: trusted data only), the batch dir itself, or the official .tar.gz. "
@@ -71,7 +76,11 @@ class ModelConfig:
     channels: list[int] = _f(  # noqa: RUF009 - _f turns a list default into a default_factory
         [], "tcn: width of each level (level i has dilation 2^i)")
     kernel_size: int = _f(7, "tcn: taps of every causal conv")
-    separable: bool = _f(True, "tcn: depthwise-separable convs (--no-separable: the paper's dense convs)")
+    separable: bool = _f(True, "tcn / jaxdsc:unet: depthwise-separable convs (--no-separable: dense convs)")
+    backbone: str = _f("", "jaxdsc:deeplabv3plus: the backbone, a jaxdsc.models.create name with features(x) "
+                           "(empty: the model's default or --model-kwargs)")
+    separable_aspp: bool = _f(True, "jaxdsc:deeplabv3plus: separable 3x3 convs in ASPP and decoder "
+                                    "(--no-separable-aspp: regular atrous convs, the paper's comparison)")
     dropout: float = _f(0.0, "tcn: dropout after every conv")
     gated: bool = _f(False, "tcn: gated linear units instead of ReLU")
     width: int = _f(32, "channels of the first stage (then 2w, 4w)")
@@ -208,9 +217,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--process-id {r.process_id} must be below --num-processes {r.num_processes}")
     if not r.workdir:
         raise ConfigError("--workdir must not be empty")
-    if (d.task == "cifar10") == (m.model == "tcn"):
-        raise ConfigError(f"--task {d.task} needs --model {'dscnet' if d.task == 'cifar10' else 'tcn'}, "
+    if (d.task in SEQ_TASKS) != (m.model == "tcn"):
+        raise ConfigError(f"--task {d.task} needs --model {'tcn' if d.task in SEQ_TASKS else 'dscnet or a zoo name'}, "
                           f"got --model {m.model} (the presets set both)")
+    if (d.task == "shapes-seg") != (m.model in SEG_MODELS) and m.model != "tcn":
+        raise ConfigError(f"--task {d.task} needs --model {' or '.join(SEG_MODELS) if d.task == 'shapes-seg' else 'a classifier'}, "
+                          f"got --model {m.model} (--preset shapes-seg / shapes-seg-unet set both)")
+    if m.backbone and m.model != "jaxdsc:deeplabv3plus":
+        raise ConfigError(f"--backbone is for --model jaxdsc:deeplabv3plus, got --model {m.model}")
+    if not m.separable_aspp and m.model != "jaxdsc:deeplabv3plus":
+        raise ConfigError(f"--no-separable-aspp is for --model jaxdsc:deeplabv3plus, got --model {m.model}")
+    if d.task == "shapes-seg" and d.image_size < 16:
+        raise ConfigError(f"--image-size must be >= 16, got {d.image_size}")
+    if d.task == "shapes-seg" and m.num_classes != SHAPES_SEG_CLASSES:
+        raise ConfigError(f"--task shapes-seg has {SHAPES_SEG_CLASSES} classes (background + 4 shapes); "
+                          f"got --num-classes {m.num_classes}")
     if m.model == "tcn" and (not m.channels or min(m.channels) < 1 or m.kernel_size < 1 or d.seq_length < 0
                              or not 0 <= m.dropout < 1):
         raise ConfigError(f"tcn needs --channels (positive ints), --kernel-size >= 1, --dropout in [0, 1) and "
@@ -269,11 +290,30 @@ def _seq(task: str, channels: list[int], kernel_size: int, *, dropout: float, lr
     )
 
 
+def _shapes_seg(model: str, model_kwargs: str, *, backbone: str = "") -> Config:
+    # Adam-family optimiser with a one-cycle schedule: trains both models from scratch in a few epochs
+    # without per-model LR tuning; flips and a 16-pixel crop (padding labelled "ignore") as augmentation.
+    return Config(
+        data=DataConfig(task="shapes-seg", train_limit=2000, test_limit=500, crop_padding=16),
+        model=ModelConfig(model=model, model_kwargs=model_kwargs, backbone=backbone, num_classes=5),
+        optim=OptimConfig(optimizer="adamw", lr=2e-3, weight_decay=1e-4, label_smoothing=0.0, epochs=8,
+                          batch_size=16, warmup_epochs=1.0),
+        run=RunConfig(checkpoint_every=0, eval_every=2, eval_batch_size=100),
+    )
+
+
 PRESETS: dict[str, Config] = {
     "default": Config(),
     "tiny": _tiny(),          # CPU smoke test: seconds on 2 cores, still learns
     "cifar10-cpu": _cifar10_cpu(),
     "cifar10": _cifar10(),
+    # Segmentation (docs/segmentation.md): DeepLabV3+ on timm's MobileNetV2 x0.5 dilated to output stride
+    # 16 (ASPP rates 6/12/18), head slimmed to 128/32 channels for the CPU; U-Net: 16 channels at full
+    # resolution, 3 poolings, a dilated (2, 4) bottleneck.
+    "shapes-seg": _shapes_seg("jaxdsc:deeplabv3plus",
+                              '{"output_stride": 16, "aspp_channels": 128, "low_level_channels": 32}',
+                              backbone="timm:mobilenetv2_050"),
+    "shapes-seg-unet": _shapes_seg("jaxdsc:unet", '{"width": 16}'),
     # Sequence tasks (docs/sequences.md). Separable widths are chosen for at most the paper's parameter
     # counts (adding 70K, copy 16K, JSB 300K, Nottingham 1M); --no-separable with the paper's widths
     # gives the dense reference. Sizes: adding 50000/1000 (locuslab), copy 10000/1000.

@@ -41,7 +41,8 @@ def export_workdir(workdir: str | Path, output: str | Path, *, force: bool = Fal
     """
     from torch_bridge.cli import OUTPUT_SUFFIXES, write_output
     from torch_bridge.convert import to_torch
-    from train.model import _from_workdir
+    from train import zoo_model
+    from train.model import load_workdir
 
     # Absolute: orbax refuses relative checkpoint paths.
     src, out = Path(workdir).expanduser().absolute(), Path(output).expanduser()
@@ -54,13 +55,24 @@ def export_workdir(workdir: str | Path, output: str | Path, *, force: bool = Fal
         raise ConfigError(f"WORKDIR {str(src)!r} is not a directory (a jaxdsc-train workdir); to convert a file "
                           "use jaxdsc-convert")
     try:
-        model = _from_workdir(ModelConfig(), src, seed=0)
+        model, cfg = load_workdir(ModelConfig(), src, seed=0)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     twin = to_torch(model)
-    kind = write_output(twin, out)
     n = sum(int(p.numel()) for p in twin.parameters())
-    return f"wrote {out} ({kind}): DSCNet width={model.width} depth={model.depth}, {n:,} parameters; from {src}"
+    if zoo_model.is_zoo(cfg):
+        what = zoo_model.describe(cfg)
+        norm = zoo_model.input_norm(cfg, model)
+        if out.suffix == ".safetensors":  # the input convention travels in the metadata
+            zoo_model.export(model, out, norm)
+            kind = "jaxdsc checkpoint"
+        else:
+            kind = write_output(twin, out)
+        if norm:
+            what += f", input (x - {list(norm[0])}) / {list(norm[1])} on [0, 1] RGB"
+    else:
+        kind, what = write_output(twin, out), f"DSCNet width={model.width} depth={model.depth}"
+    return f"wrote {out} ({kind}): {what}, {n:,} parameters; from {src}"
 
 
 def main(argv: Sequence[str], prog: str, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser

@@ -74,6 +74,7 @@ class Split:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh, *, on_device: bool):
         self.n = len(labels)
+        self.host_images, self.host_labels = images, labels  # host copies (plots, checks)
         self.mesh, self.on_device = mesh, on_device
         self._bat = batch_sharded(mesh)
         if on_device:
@@ -85,7 +86,7 @@ class Split:
             self.images, self.labels = images, labels
 
     def batch(self, idx: np.ndarray) -> dict[str, Any]:
-        """``{"image": uint8 (B, 32, 32, 3), "label": int32 (B,)}`` for indices ``idx``, batch-sharded."""
+        """``{"image": uint8 (B, H, W, 3), "label": (B,) or (B, H, W)}`` for indices ``idx``, batch-sharded."""
         if self.on_device:
             return dict(self._take(self.images, self.labels, put(idx, self._bat)))
         return {"image": put(np.take(self.images, idx, axis=0), self._bat),

@@ -29,10 +29,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxdsc._io import atomic_write_text
-from train import distributed, faults, feed, malloc, steps, zoo_model
+from train import (
+    distributed,
+    faults,
+    feed,
+    malloc,
+    seg_metrics,
+    seg_steps,
+    steps,
+    workdir,
+    zoo_model,
+)
 from train.checkpointing import Checkpointer, RestoreError
-from train.config import Config, ConfigError, default_data_dir, flat_fields, validate
+from train.config import SEQ_TASKS, Config, ConfigError, default_data_dir, validate
 from train.data import load_or_download
 from train.feed import Split, epoch_order, fits_on_device, make_mesh
 from train.model import initial_model
@@ -65,61 +74,21 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _check_workdir_config(workdir: Path, cfg: Config) -> None:
-    """Refuse to resume a workdir whose checkpoints come from different (non-``resume``) settings."""
-    path = workdir / "config.json"
-    ckpts = workdir / "checkpoints"
-    has_checkpoints = ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())
-    if has_checkpoints and path.is_file():
-        old = json.loads(path.read_text())
-        diffs = []
-        for name, (section, f) in flat_fields().items():
-            before, now = old.get(section, {}).get(name), getattr(getattr(cfg, section), name)
-            if not f.metadata["resume"] and json.dumps(before) != json.dumps(now):
-                diffs.append(f"--{name.replace('_', '-')} {before} -> {now}")
-        if diffs:
-            raise ConfigError(f"{workdir} holds a run with different settings ({'; '.join(diffs[:4])}); "
-                              "rerun with the same flags to resume or use a new --workdir")
+def _task_metric(task: str, result: dict[str, Any]) -> dict[str, Any]:
+    """``metric`` (its name) and ``test_metric`` (its value) of summary.json, and the task's extras."""
+    if task == "shapes-seg":
+        return {"metric": "mIoU", "test_metric": result["test_miou"], "test_miou": result["test_miou"],
+                "test_iou": result["test_iou"], "pixel_accuracy": result["test_accuracy"]}
+    return {"metric": "accuracy", "test_metric": result["test_accuracy"]}
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-    os.chmod(path, 0o644)  # results are for everyone to read (mkstemp creates 0600)
+def _shapes_seg(cfg: Config, log: Any) -> Any:
+    from train import seg_data
 
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
-    """Drop records past ``step`` (logged after the checkpoint we resume from); return the rest."""
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", math.inf) <= step:
-                records.append(rec)
-    _write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-    return records
-
-
-def _peak_rss_mib() -> float | None:
-    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB; macOS: bytes)."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def _time_to(records: list[dict[str, Any]], target: float) -> float | None:
-    hit = [r["train_seconds"] for r in records if r["test_accuracy"] >= target]
-    return round(hit[0], 2) if hit else None
+    n_train, n_test = cfg.data.train_limit or 2000, cfg.data.test_limit or 500
+    if log:
+        log(f"generating shapes-seg: {n_train} train + {n_test} test images of {cfg.data.image_size}px", flush=True)
+    return seg_data.load(n_train, n_test, size=cfg.data.image_size)
 
 
 class Trainer:
@@ -130,14 +99,20 @@ class Trainer:
         # Absolute: orbax refuses relative checkpoint paths ("Checkpoint path should be absolute").
         self.workdir = Path(cfg.run.workdir).expanduser().absolute()
         self.primary = jax.process_index() == 0
-        _check_workdir_config(self.workdir, cfg)
+        self.log = print if self.primary else (lambda *a, **k: None)
+        workdir.check_config(self.workdir, cfg)
         self.mesh = make_mesh()
         nd = self.mesh.size
         if cfg.optim.batch_size % nd:
             raise ConfigError(f"--batch-size {cfg.optim.batch_size} must be a multiple of the {nd} devices")
         self.eval_bs = -(-cfg.run.eval_batch_size // nd) * nd
-        ds = load_or_download(cfg.data.data_dir, default_data_dir(), cfg.data.download_url, cfg.data.download_md5,
-                              progress=cfg.run.progress).limit(cfg.data.train_limit, cfg.data.test_limit)
+        self.seg = cfg.data.task == "shapes-seg"
+        if self.seg:
+            ds = _shapes_seg(cfg, self.log if self.primary else None)
+        else:
+            ds = load_or_download(cfg.data.data_dir, default_data_dir(), cfg.data.download_url,
+                                  cfg.data.download_md5, progress=cfg.run.progress
+                                  ).limit(cfg.data.train_limit, cfg.data.test_limit)
         if len(ds.train_labels) < cfg.optim.batch_size:
             raise ConfigError(f"--batch-size {cfg.optim.batch_size} exceeds the {len(ds.train_labels)} training images")
         nbytes = ds.train_images.nbytes + ds.test_images.nbytes
@@ -147,7 +122,7 @@ class Trainer:
         self.test_data = Split(ds.test_images, ds.test_labels, self.mesh, on_device=on_device)
         self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.run.keep_checkpoints)
         if self.primary:
-            _write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+            workdir.write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         self.steps_per_epoch = self.train_data.n // cfg.optim.batch_size
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
 
@@ -161,17 +136,20 @@ class Trainer:
                                              head=zoo_model.head_prefixes(cfg.model))
         self.state = steps.create_state(params, stats, consts, self.tx, self.mesh, seed=cfg.run.seed,
                                         ema=cfg.optim.ema_decay > 0)
-        train_fn = steps.make_train_step(
+        self.input_fn = input_fn
+        task_steps = seg_steps if self.seg else steps
+        train_fn = task_steps.make_train_step(
             self.graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
             label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
             ema_decay=cfg.optim.ema_decay, input_fn=input_fn)
         train_fn = faults.wrap_train_step(train_fn)  # itself unless a nan fault is requested
-        self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(self.graph_eval, input_fn),
-                                                          self.mesh)
+        eval_fn = (seg_steps.make_eval_step(self.graph_eval, cfg.model.num_classes, input_fn) if self.seg
+                   else steps.make_eval_step(self.graph_eval, input_fn))
+        self.train_step, self.eval_step = steps.jit_steps(train_fn, eval_fn, self.mesh)
         self.meta: dict[str, Any] = {"train_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0], "data_order": feed.ORDER}
         self.traces_at_start = steps.TRACES["train_step"]
         self.records: list[dict[str, Any]] = []
-        self.log = print if self.primary else (lambda *a, **k: None)
+        self.image_shape = tuple(ds.train_images.shape[1:])
 
     # ------------------------------------------------------------ pieces
     def resume(self) -> bool:
@@ -188,19 +166,31 @@ class Trainer:
             self.meta.update(meta)
             step = int(meta["step"])
         if self.primary:
-            self.records = _truncate_metrics(self.workdir / "metrics.jsonl", step)
+            self.records = workdir.truncate_metrics(self.workdir / "metrics.jsonl", step)
         return restored is not None
 
-    def evaluate(self, signals: _Signals | None = None) -> tuple[float, float] | None:
-        """Test loss and accuracy; None when a signal arrives first (SIGTERM must not wait for it)."""
+    def evaluate(self, signals: _Signals | None = None) -> dict[str, Any] | None:
+        """``test_loss``, ``test_accuracy`` (per pixel for segmentation) and, for segmentation,
+        ``test_miou`` and per-class ``test_iou``; None when a signal arrives first (SIGTERM must
+        not wait for it)."""
         sums = np.zeros(3)
+        confusion = seg_metrics.ConfusionMatrix(self.cfg.model.num_classes) if self.seg else None
+        t0 = time.perf_counter()
         for batch in self.test_data.eval_batches(self.eval_bs):
             if signals is not None and signals.received is not None:
                 return None
             out = self.eval_step(self.state, batch)
             out = steps.to_host(out)
             sums += np.array([float(out["loss_sum"]), float(out["correct"]), float(out["count"])])
-        return sums[0] / sums[2], sums[1] / sums[2]
+            if confusion is not None:
+                confusion.add(out["confusion"])
+        # Images per second of the whole pass (the first pass of a process includes compiling).
+        result: dict[str, Any] = {"test_loss": sums[0] / sums[2], "test_accuracy": sums[1] / sums[2],
+                                  "eval_images_per_second": self.test_data.n / (time.perf_counter() - t0)}
+        if confusion is not None:
+            m = seg_metrics.metrics(confusion.mat)
+            result.update(test_miou=m["mean_iou"], test_iou=m["iou"])
+        return result
 
     def save(self) -> None:
         self.ckpt.save(self.state, {**self.meta, "epoch": int(steps.to_host(self.state.step)) / self.steps_per_epoch})
@@ -328,23 +318,25 @@ class Trainer:
         if result is None:  # interrupted: the checkpoint remembers to evaluate first on resume
             self.meta["eval_due"] = [epoch, step, loss_sum, acc_sum, n_sum, ips]
             return
-        test_loss, test_acc = result
+        test_loss, test_acc = result["test_loss"], result["test_accuracy"]
         rec = {
             "epoch": epoch + 1, "step": step,
             "train_loss": loss_sum / n_sum if n_sum else None,
             "train_accuracy": acc_sum / n_sum if n_sum else None,
             "test_loss": test_loss, "test_accuracy": test_acc,
+            **({"test_miou": result["test_miou"]} if self.seg else {}),
             "lr": self._last_lr(), "train_seconds": round(self.meta["train_seconds"], 3),
             "images_per_second": round(ips, 1), "skipped_steps": int(steps.to_host(self.state.skipped)),
         }
         self.records.append(rec)
         if self.primary:
-            _append_jsonl(self.workdir / "metrics.jsonl", rec)
+            workdir.append_jsonl(self.workdir / "metrics.jsonl", rec)
         tl = "  n/a" if rec["train_loss"] is None else f"{rec['train_loss']:.4f}"
         ta = "  n/a" if rec["train_accuracy"] is None else f"{rec['train_accuracy']:.4f}"
+        miou = f" mIoU {result['test_miou']:.4f}" if self.seg else ""
         self.log(f"epoch {epoch + 1:3d}/{self.cfg.optim.epochs}  train loss {tl} acc {ta}  "
-                 f"test loss {test_loss:.4f} acc {test_acc:.4f}  {ips:7.0f} img/s  {self.meta['train_seconds']:7.1f}s",
-                 flush=True)
+                 f"test loss {test_loss:.4f} acc {test_acc:.4f}{miou}  {ips:7.0f} img/s  "
+                 f"{self.meta['train_seconds']:7.1f}s", flush=True)
 
     def _last_lr(self) -> float:
         """The learning rate of the last update applied (skipped steps do not advance the schedule)."""
@@ -357,7 +349,7 @@ class Trainer:
         result = self.evaluate(signals)
         if result is None:
             return None
-        test_loss, test_acc = result
+        test_loss, test_acc = result["test_loss"], result["test_accuracy"]
         if cfg.run.export_torch and self.primary:
             zoo_model.export(self.final_model(), cfg.run.export_torch, self.input_norm)
             self.log(f"exported {cfg.run.export_torch}")
@@ -368,25 +360,46 @@ class Trainer:
             "epochs": step / self.steps_per_epoch, "steps": step,
             "train_seconds": round(self.meta["train_seconds"], 3),
             "images_per_second": round(self.meta.get("images_per_second", 0.0), 1),
+            "eval_images_per_second": round(result["eval_images_per_second"], 1),
             "params": self.num_params, "devices": self.mesh.size, "batch_size": cfg.optim.batch_size,
             "skipped_steps": int(steps.to_host(self.state.skipped)),
-            "time_to_80": _time_to(self.records, 0.8), "time_to_90": _time_to(self.records, 0.9),
+            "time_to_80": workdir.time_to(self.records, 0.8), "time_to_90": workdir.time_to(self.records, 0.9),
             "train_step_traces": steps.TRACES["train_step"] - self.traces_at_start,
             "model": zoo_model.describe(cfg.model) if zoo_model.is_zoo(cfg.model)
             else f"dscnet w{cfg.model.width} d{cfg.model.depth}",
             "loadavg": [round(v, 2) for v in os.getloadavg()],  # 1/5/15 min at the end: was the CPU shared?
             "malloc": malloc.status,  # per option: set, or why not
-            "peak_rss_mib": _peak_rss_mib(),
+            "peak_rss_mib": workdir.peak_rss_mib(),
+            "task": cfg.data.task, "macs": self.macs(),
+            **_task_metric(cfg.data.task, result),
         }
         if self.input_norm:
             summary["input_mean"], summary["input_std"] = map(list, self.input_norm)
         if self.primary:
-            _write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
+            workdir.write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
             if cfg.run.plot and self.records:
                 from train.plots import plot_curves
 
                 plot_curves(self.records, self.workdir / "curves.png")
+            if cfg.run.plot and self.seg:
+                self.plot_predictions(self.workdir / "predictions.png")
         return summary
+
+    def macs(self) -> int:
+        """Multiply-adds per example of the model (:func:`jaxdsc.summary`, exact formulas)."""
+        from jaxdsc.summary import summary
+
+        return int(summary(self.final_model(), (1, *self.image_shape)).total_macs)
+
+    def plot_predictions(self, path: Path, n: int = 4) -> Path:
+        """A PNG of the first ``n`` test images: image, ground truth, prediction."""
+        from train.seg_data import CLASSES
+        from train.seg_plots import plot_segmentation
+
+        images, labels = self.test_data.host_images[:n], self.test_data.host_labels[:n]
+        predict = jax.jit(lambda state, x: seg_steps.predict(self.graph_eval, state, x, self.input_fn))
+        preds = np.asarray(predict(steps.to_host(self.state), images))
+        return plot_segmentation(images, labels, preds, path, self.cfg.model.num_classes, CLASSES)
 
 
 def run(cfg: Config) -> int:
@@ -412,7 +425,7 @@ def _run(cfg: Config, signals: _Signals) -> int:
     distributed.maybe_initialize(cfg.run)  # before anything starts a JAX backend
     if cfg.run.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.run.compile_cache).expanduser()))
-    if cfg.data.task != "cifar10":  # the TCN paper's sequence tasks have their own loop
+    if cfg.data.task in SEQ_TASKS:  # the TCN paper's sequence tasks have their own loop
         from train.seq_loop import run_sequence
 
         return run_sequence(cfg, signals)
@@ -424,11 +437,15 @@ def _run(cfg: Config, signals: _Signals) -> int:
     if cfg.run.eval_only:
         if not resumed and not cfg.model.init_from:
             raise ConfigError(f"--eval-only needs a checkpoint in {trainer.workdir} or --init-from")
-        test_loss, test_acc = trainer.evaluate() or (math.nan, math.nan)
-        trainer.log(f"eval: test loss {test_loss:.4f} acc {test_acc:.4f} ({trainer.test_data.n} images, step {step})")
+        result = trainer.evaluate() or {"test_loss": math.nan, "test_accuracy": math.nan}
+        test_loss, test_acc = result["test_loss"], result["test_accuracy"]
+        miou = f" mIoU {result['test_miou']:.4f}" if trainer.seg else ""
+        trainer.log(f"eval: test loss {test_loss:.4f} acc {test_acc:.4f}{miou} ({trainer.test_data.n} images, "
+                    f"step {step})")
         if trainer.primary:
-            _write_text(trainer.workdir / "eval.json", json.dumps(
-                {"test_accuracy": test_acc, "test_loss": test_loss, "step": step, "images": trainer.test_data.n}))
+            workdir.write_text(trainer.workdir / "eval.json", json.dumps(
+                {**result, "task": cfg.data.task, **_task_metric(cfg.data.task, result), "step": step,
+                 "images": trainer.test_data.n}))
         if cfg.run.export_torch and trainer.primary:
             zoo_model.export(trainer.final_model(), cfg.run.export_torch, trainer.input_norm)
         return 0

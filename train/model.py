@@ -17,6 +17,7 @@ from the source's, the head is re-initialised.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -84,19 +85,34 @@ def _from_torch_state(cfg: ModelConfig, torch_config: dict[str, Any], tensors: d
     return model
 
 
-def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> DSCNet:
-    from train.checkpointing import first_mismatch, flatten, read_arrays, unflatten
-
-    arrays, ckpt = read_arrays(path)
+def workdir_config(path: Path, ckpt: Path) -> ModelConfig:
+    """The model section of the ``config.json`` beside a workdir's checkpoint."""
     cfg_file = next((p / "config.json" for p in (ckpt.parent.parent, path) if (p / "config.json").is_file()), None)
     if cfg_file is None:
         raise ConfigError(f"{path}: no config.json next to checkpoint {ckpt.name}")
     src = json.loads(cfg_file.read_text())["model"]
-    if src.get("model", "dscnet") not in ("dscnet", "jaxdsc:dscnet"):
-        raise ConfigError(f"{path}: a {src['model']} run; reading zoo-model workdirs is not supported yet "
-                          "(rerun its command with --eval-only --export-torch FILE, then --init-from FILE)")
-    model = DSCNet(src["num_classes"], width=src["width"], depth=src["depth"], momentum=src["bn_momentum"],
-                   dtype=compute_dtype(cfg), impl=cfg.impl, rngs=nnx.Rngs(params=seed))
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in src.items() if k in known})
+
+
+def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> nnx.Module:
+    return load_workdir(cfg, path, seed)[0]
+
+
+def load_workdir(cfg: ModelConfig, path: Path, seed: int) -> tuple[nnx.Module, ModelConfig]:
+    """The newest checkpoint of a workdir (EMA weights when kept) in the model of its config.json
+    (DSCNet or a zoo model), and that model config; ``cfg`` gives only the compute settings
+    (impl, precision)."""
+    from train import zoo_model
+    from train.checkpointing import first_mismatch, flatten, read_arrays, unflatten
+
+    arrays, ckpt = read_arrays(path)
+    src = dataclasses.replace(workdir_config(path, ckpt), impl=cfg.impl, precision=cfg.precision)
+    if zoo_model.is_zoo(src):
+        model = zoo_model.build(src, seed)
+    else:
+        model = DSCNet(src.num_classes, width=src.width, depth=src.depth, momentum=src.bn_momentum,
+                       dtype=compute_dtype(cfg), impl=cfg.impl, rngs=nnx.Rngs(params=seed))
     prefix = "ema." if any(k.startswith("ema.") for k in arrays) else ""
     for kind, var in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
         state = nnx.state(model, var)
@@ -107,7 +123,7 @@ def _from_workdir(cfg: ModelConfig, path: Path, seed: int) -> DSCNet:
             raise ConfigError(f"{ckpt}: {kind} do not fit the model of its config.json: {problem}")
         nnx.replace_by_pure_dict(state, unflatten(pure, flat))
         nnx.update(model, state)
-    return model
+    return model, src
 
 
 def initial_model(cfg: ModelConfig, seed: int) -> tuple[nnx.Module, str]:
@@ -119,8 +135,16 @@ def initial_model(cfg: ModelConfig, seed: int) -> tuple[nnx.Module, str]:
         if not cfg.init_from:
             return zoo_model.build(cfg, seed), ""
         path = Path(cfg.init_from).expanduser().absolute()
+        if path.is_dir():  # a workdir of the same architecture: through its upstream state dict
+            from torch_bridge.convert import torch_state_dict
+
+            src, src_cfg = load_workdir(cfg, path, seed)
+            if src_cfg.model != cfg.model:
+                raise ConfigError(f"--init-from {path}: a {src_cfg.model} run, expected {cfg.model}")
+            return zoo_model.init_from_tensors(cfg, torch_state_dict(src), str(path), seed,
+                                              what="jaxdsc-train workdir")
         if not path.is_file():
-            raise ConfigError(f"--init-from {path}: no such file (a zoo model starts from a state dict file)")
+            raise ConfigError(f"--init-from {path}: no such file or directory")
         return zoo_model.init_from(cfg, path, seed)
     if not cfg.init_from:
         return build(cfg, seed), ""

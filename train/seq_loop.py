@@ -39,16 +39,9 @@ from train import malloc, seq_data, seq_metrics, steps
 from train.checkpointing import Checkpointer
 from train.config import Config, validate
 from train.feed import epoch_order
-from train.loop import (
-    TrainingError,
-    _append_jsonl,
-    _check_workdir_config,
-    _signal_exit,
-    _Signals,
-    _truncate_metrics,
-    _write_text,
-)
+from train.loop import TrainingError, _signal_exit, _Signals
 from train.optim import make_optimizer
+from train.workdir import append_jsonl, check_config, truncate_metrics, write_text
 
 
 def _bucket(n: int) -> int:
@@ -84,7 +77,7 @@ class SeqTrainer:
         d, m = cfg.data, cfg.model
         self.task = d.task
         self.workdir = Path(cfg.run.workdir).expanduser().absolute()
-        _check_workdir_config(self.workdir, cfg)
+        check_config(self.workdir, cfg)
         if self.task in seq_data.MUSIC_FILES:
             music = seq_data.load_music(self.task, d.data_dir)
             self.train_set, self.eval_sets = music.train, {"valid": music.valid, "test": music.test}
@@ -103,7 +96,7 @@ class SeqTrainer:
             raise ConfigError(f"--batch-size {cfg.optim.batch_size} exceeds the {n_train} training sequences")
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.workdir.mkdir(parents=True, exist_ok=True)
-        _write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         fin, fout = _features(self.task)
         model = TCN(fin, fout, m.channels, kernel_size=m.kernel_size, separable=m.separable, dropout=m.dropout,
                     gated=m.gated, impl=m.impl, rngs=nnx.Rngs(cfg.run.seed))
@@ -178,7 +171,7 @@ class SeqTrainer:
             self.state, meta = restored
             self.meta.update(meta)
             step = int(meta["step"])
-        self.records = _truncate_metrics(self.workdir / "metrics.jsonl", step)
+        self.records = truncate_metrics(self.workdir / "metrics.jsonl", step)
         return restored is not None
 
     def train(self, signals: _Signals) -> int:
@@ -232,7 +225,7 @@ class SeqTrainer:
                    sequences_per_second=round(self.meta.get("sequences_per_second", 0.0), 2),
                    skipped_steps=int(self.state.skipped))
         self.records.append(rec)
-        _append_jsonl(self.workdir / "metrics.jsonl", rec)
+        append_jsonl(self.workdir / "metrics.jsonl", rec)
         valid = f" valid {rec['valid_loss']:.5g}" if "valid_loss" in rec else ""
         print(f"\repoch {epoch + 1:3d}/{self.cfg.optim.epochs}  train {train_loss:.5g}{valid}  test "
               f"{rec['test_loss']:.5g}  {rec['sequences_per_second']:.1f} seq/s  {rec['train_seconds']:.1f}s",
@@ -265,7 +258,7 @@ class SeqTrainer:
             "model": f"tcn {'separable' if m.separable else 'dense'} k{m.kernel_size} {list(m.channels)}",
             "loadavg": [round(v, 2) for v in os.getloadavg()], "malloc": malloc.status,
         }
-        _write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
+        write_text(self.workdir / "summary.json", json.dumps(summary, indent=1))
         if cfg.run.plot and self.records:
             import warnings
 
@@ -286,7 +279,7 @@ def run_sequence(cfg: Config, signals: _Signals) -> int:
         result = {"task": trainer.task, "metric": seq_metrics.METRICS[trainer.task],
                   "test_metric": trainer.evaluate("test"), "step": step}
         print(f"eval: test {result['metric']} {result['test_metric']:.6g} (step {step})")
-        _write_text(trainer.workdir / "eval.json", json.dumps(result))
+        write_text(trainer.workdir / "eval.json", json.dumps(result))
         return 0
     print(f"{'resuming at step ' + str(step) if resumed else 'training'} {trainer.task}: {trainer.total_steps} "
           f"steps ({cfg.optim.epochs} epochs x {trainer.steps_per_epoch}), {trainer.num_params} params, "

@@ -48,12 +48,21 @@ def is_zoo(cfg: ModelConfig) -> bool:
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    """``--model-kwargs`` (JSON object) without the normalisation keys, plus ``num_classes``."""
+    """``--model-kwargs`` (JSON object) without the normalisation keys, plus ``num_classes`` and the
+    segmentation models' own flags (``--backbone``, ``--no-separable-aspp``, ``--no-separable``)."""
     kwargs = _raw_kwargs(cfg)
-    if "num_classes" in kwargs and kwargs["num_classes"] != cfg.num_classes:
-        raise ConfigError(f"--model-kwargs num_classes={kwargs['num_classes']} disagrees with --num-classes "
-                          f"{cfg.num_classes}; use --num-classes")
-    return {**{k: v for k, v in kwargs.items() if k not in NORM_KEYS}, "num_classes": cfg.num_classes}
+    flags: dict[str, tuple[str, Any]] = {"num_classes": ("--num-classes", cfg.num_classes)}
+    if cfg.model == "jaxdsc:deeplabv3plus":
+        if cfg.backbone:
+            flags["backbone"] = ("--backbone", cfg.backbone)
+        if not cfg.separable_aspp:
+            flags["separable_aspp"] = ("--no-separable-aspp", False)
+    elif cfg.model == "jaxdsc:unet" and not cfg.separable:
+        flags["separable"] = ("--no-separable", False)
+    for key, (flag, value) in flags.items():
+        if key in kwargs and kwargs[key] != value:
+            raise ConfigError(f"--model-kwargs {key}={kwargs[key]!r} disagrees with {flag} {value!r}; use {flag}")
+    return {**{k: v for k, v in kwargs.items() if k not in NORM_KEYS}, **{k: v for k, (_, v) in flags.items()}}
 
 
 def _raw_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -68,12 +77,26 @@ def _raw_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-def input_norm(cfg: ModelConfig, model: nnx.Module | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` per RGB channel applied to ``[0, 1]`` inputs of a zoo model.
+def normalizes_itself(model: nnx.Module | None) -> bool:
+    """True for models that take ``[0, 1]`` images and normalise inside (``jaxdsc:unet``)."""
+    from jaxdsc.norm import Normalize
+
+    return isinstance(getattr(model, "normalize", None), Normalize)
+
+
+def input_norm(cfg: ModelConfig, model: nnx.Module | None = None
+               ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` per RGB channel applied to ``[0, 1]`` inputs of a zoo model; None when
+    the model normalises its input itself (:func:`normalizes_itself`).
 
     ``--model-kwargs`` ``input_mean`` / ``input_std`` win, then the model's ``config``,
     then ImageNet's (torchvision's and most timm classifiers' convention).
     """
+    if normalizes_itself(model):
+        if any(k in _raw_kwargs(cfg) for k in NORM_KEYS):
+            raise ConfigError(f"--model {cfg.model} normalises its [0, 1] input itself; drop input_mean/input_std "
+                              "from --model-kwargs")
+        return None
     sources = [_raw_kwargs(cfg), dict(getattr(model, "config", {}) or {})]
     out = []
     for key, default in zip(NORM_KEYS, (IMAGENET_MEAN, IMAGENET_STD), strict=True):
@@ -144,29 +167,36 @@ def _read(cfg: ModelConfig, path: Path) -> dict[str, np.ndarray]:
 def init_from(cfg: ModelConfig, path: Path, seed: int) -> tuple[nnx.Module, str]:
     """A zoo model holding the upstream state dict in ``path`` (classifier re-initialised when its
     number of classes differs from ``--num-classes``); and a note on what happened."""
-    from torch_bridge.convert import expected_torch_entries, load_torch_state_dict, torch_state_dict
     from train.model import _as_float32
 
-    tensors = _as_float32(_read(cfg, path))
+    return init_from_tensors(cfg, _as_float32(_read(cfg, path)), str(path), seed)
+
+
+def init_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], source: str, seed: int, *,
+                      what: str = "state dict") -> tuple[nnx.Module, str]:
+    """:func:`init_from` on an upstream state dict already in memory (``source`` names it)."""
+    from torch_bridge.convert import expected_torch_entries, load_torch_state_dict, torch_state_dict
+
+    tensors = dict(tensors)
     model = _create(cfg, seed)
     expected = expected_torch_entries(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ConfigError(f"--init-from {path}: not a {cfg.model} state dict for --model-kwargs "
+        raise ConfigError(f"--init-from {source}: not a {cfg.model} state dict for --model-kwargs "
                           f"{cfg.model_kwargs or '{}'}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     head = classifier_keys(cfg)
     differ = sorted(k for k in expected if tuple(tensors[k].shape) != tuple(expected[k][0]))
     other = [k for k in differ if k not in head]
     if other:
         k = other[0]
-        raise ConfigError(f"--init-from {path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected "
+        raise ConfigError(f"--init-from {source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected "
                           f"{tuple(expected[k][0])} ({len(other)} such; only the classifier {sorted(head)} may differ)")
-    note = f"init from state dict {path} ({cfg.model})"
+    note = f"init from {what} {source} ({cfg.model})"
     if differ:
         fresh = torch_state_dict(model)
         tensors = {**tensors, **{k: fresh[k] for k in head}}
         note += f"; new {cfg.num_classes}-class classifier ({', '.join(sorted(head))}) replaces the file's"
-    load_torch_state_dict(model, tensors, source=str(path))
+    load_torch_state_dict(model, tensors, source=source)
     return model, note
 
 
