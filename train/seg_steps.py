@@ -34,9 +34,9 @@ from train.steps import (
     Batch,
     Metrics,
     TrainState,
-    _ema_update,
-    all_finite,
     applied_updates,
+    apply_update,
+    eval_logits,
     reseed,
 )
 
@@ -92,17 +92,7 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
             return total / jnp.maximum(count, 1.0), (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(stats) & all_finite(params)
-        ema = state.ema
-        if ema is not None:
-            step = state.step.astype(jnp.float32)
-            decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
-            ema = _ema_update(ema, {"params": params, "batch_stats": stats}, decay)
-        new = state.replace(params=params, batch_stats=stats, opt_state=opt_state, ema=ema)
-        new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-        new = new.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
+        new, finite = apply_update(state, tx, loss, grads, stats, ema_decay)
         valid = labels.astype(jnp.int32) != IGNORE_INDEX
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid) / jnp.maximum(jnp.sum(valid), 1)
         metrics = {
@@ -122,9 +112,7 @@ def make_eval_step(graph_eval: nnx.GraphDef[Any], num_classes: int,
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
         TRACES["eval_step"] += 1
-        weights = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
-        model = nnx.merge(graph_eval, weights["params"], weights["batch_stats"], state.consts)
-        logits = model(input_fn(to_float(batch["image"])))
+        logits = eval_logits(graph_eval, state, batch["image"], input_fn)
         # Padding examples of the last batch (mask 0) count as ignored pixels.
         labels = jnp.where(batch["mask"][:, None, None] > 0, batch["label"].astype(jnp.int32), IGNORE_INDEX)
         loss_sum, count = pixel_loss(logits, labels, num_classes)
@@ -139,7 +127,4 @@ def make_eval_step(graph_eval: nnx.GraphDef[Any], num_classes: int,
 def predict(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,
             input_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Class indices ``(N, H, W)`` of uint8 images, with the weights :func:`make_eval_step` uses."""
-    input_fn = input_fn or (lambda x: x)
-    weights = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
-    model = nnx.merge(graph_eval, weights["params"], weights["batch_stats"], state.consts)
-    return jnp.argmax(model(input_fn(to_float(images))), -1)
+    return jnp.argmax(eval_logits(graph_eval, state, images, input_fn or (lambda x: x)), -1)

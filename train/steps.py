@@ -126,6 +126,25 @@ def reseed(model: nnx.Module, key: jax.Array) -> None:
             var.set_value(jax.random.fold_in(jax.random.fold_in(key, 0x5EED), i))
 
 
+def apply_update(state: TrainState, tx: optax.GradientTransformation, loss: jax.Array, grads: Any,
+                 stats: Any, ema_decay: float) -> tuple[TrainState, jax.Array]:
+    """The optax update, BN statistics and EMA of one step, or (if anything is not finite) the
+    old state with only ``step`` and ``skipped`` advanced; and the finite flag."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(stats) & all_finite(params)
+    ema = state.ema
+    if ema is not None:
+        # Warm-up of the EMA decay (TF/timm): early on the average follows the fast-moving weights.
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+        ema = _ema_update(ema, {"params": params, "batch_stats": stats}, decay)
+    new = state.replace(params=params, batch_stats=stats, opt_state=opt_state, ema=ema)
+    keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
+    new = jax.tree_util.tree_map(keep, new, state)
+    return new.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32)), finite
+
+
 def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransformation,
                     lr_schedule: Callable[[Any], Any], *, num_classes: int, label_smoothing: float,
                     crop_padding: int, flip: bool, ema_decay: float,
@@ -150,19 +169,7 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
             return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(stats) & all_finite(params)
-        ema = state.ema
-        if ema is not None:
-            # Warm-up of the EMA decay (TF/timm): early on the average follows the fast-moving weights.
-            step = state.step.astype(jnp.float32)
-            decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
-            ema = _ema_update(ema, {"params": params, "batch_stats": stats}, decay)
-        new = state.replace(params=params, batch_stats=stats, opt_state=opt_state, ema=ema)
-        keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
-        new = jax.tree_util.tree_map(keep, new, state)
-        new = new.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
+        new, finite = apply_update(state, tx, loss, grads, stats, ema_decay)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -176,6 +183,14 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
     return train_step
 
 
+def eval_logits(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,
+                input_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Eval-mode outputs for uint8 images, with the EMA weights when the run keeps them."""
+    weights = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
+    model = nnx.merge(graph_eval, weights["params"], weights["batch_stats"], state.consts)
+    return model(input_fn(to_float(images)))
+
+
 def make_eval_step(graph_eval: nnx.GraphDef[Any],
                    input_fn: Callable[[jax.Array], jax.Array] | None = None) -> Callable[[TrainState, Batch], Metrics]:
     """The (unjitted) eval step: masked sums of loss and correct predictions."""
@@ -183,9 +198,7 @@ def make_eval_step(graph_eval: nnx.GraphDef[Any],
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
         TRACES["eval_step"] += 1
-        weights = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
-        model = nnx.merge(graph_eval, weights["params"], weights["batch_stats"], state.consts)
-        logits = model(input_fn(to_float(batch["image"])))
+        logits = eval_logits(graph_eval, state, batch["image"], input_fn)
         mask = batch["mask"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
