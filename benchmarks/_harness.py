@@ -188,3 +188,12 @@ def env_info() -> dict[str, object]:
     except ImportError:
         pass
     return info
+
+
+def write_results(path: str, args: object, rows: list[dict]) -> None:
+    """``{"args", "env", "rows"}`` as JSON at ``path`` (the benchmarks' result-file layout)."""
+    import json
+    from pathlib import Path
+
+    out = {"args": vars(args), "env": env_info(), "rows": rows}
+    Path(path).write_text(json.dumps(out, indent=1))

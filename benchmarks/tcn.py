@@ -23,7 +23,6 @@ ratio jaxdsc / torch (< 1: jaxdsc faster).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _harness import env_info, time_interleaved
+from _harness import time_interleaved, write_results
 from flax import nnx
 
 import torch_bridge
@@ -139,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['T']} | {r['kind']} | {r['mode']} | {r['jax_ms']} | {r['torch_ms']} | {r['ratio']} |")
     if args.json:
-        out = {"args": vars(args), "env": env_info(), "rows": rows}
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_results(args.json, args, rows)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _harness import env_info, time_interleaved
+from _harness import time_interleaved, write_results
 from flax import nnx
 
 import torch_bridge
@@ -257,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for name in models for row in run_model(name, args)]
     print("\n" + markdown(rows))
     if args.json:
-        out = {"args": vars(args), "env": env_info(), "rows": rows}
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_results(args.json, args, rows)
     return 0
 
 
