@@ -86,8 +86,7 @@ def _shapes_seg(cfg: Config, log: Any) -> Any:
     from train import seg_data
 
     n_train, n_test = cfg.data.train_limit or 2000, cfg.data.test_limit or 500
-    if log:
-        log(f"generating shapes-seg: {n_train} train + {n_test} test images of {cfg.data.image_size}px", flush=True)
+    log(f"generating shapes-seg: {n_train} train + {n_test} test images of {cfg.data.image_size}px", flush=True)
     return seg_data.load(n_train, n_test, size=cfg.data.image_size)
 
 
@@ -108,7 +107,7 @@ class Trainer:
         self.eval_bs = -(-cfg.run.eval_batch_size // nd) * nd
         self.seg = cfg.data.task == "shapes-seg"
         if self.seg:
-            ds = _shapes_seg(cfg, self.log if self.primary else None)
+            ds = _shapes_seg(cfg, self.log)
         else:
             ds = load_or_download(cfg.data.data_dir, default_data_dir(), cfg.data.download_url,
                                   cfg.data.download_md5, progress=cfg.run.progress
