@@ -404,20 +404,26 @@ def test_normalize(shape, dtype):
     assert_parity(norm, random_input(shape, npdt), rtol)
 
 
+STAGES_8X8 = {"widths": (4, 8, 12), "strides": (1, 2, 2), "dilations": (1, 2)}  # the cifar10-cpu layout
+
+
 @pytest.mark.parametrize(
-    ("in_features", "depth", "activation", "train", "dtype_name"),
-    [(3, 1, "relu", True, "float32"), (3, 1, "relu", False, "float32"), (1, 2, "silu", True, "float32"),
-     (3, 1, "relu", True, "float64"), (3, 1, "relu", False, "float64")],
+    ("in_features", "depth", "activation", "train", "dtype_name", "stages"),
+    [(3, 1, "relu", True, "float32", {}), (3, 1, "relu", False, "float32", {}), (1, 2, "silu", True, "float32", {}),
+     (3, 1, "relu", True, "float64", {}), (3, 1, "relu", False, "float64", {}),
+     (3, 2, "relu", True, "float32", STAGES_8X8), (3, 3, "relu", False, "float64", STAGES_8X8)],
 )
-def test_dscnet(in_features, depth, activation, train, dtype_name):
+def test_dscnet(in_features, depth, activation, train, dtype_name, stages):
     with x64_enabled() if dtype_name == "float64" else contextlib.nullcontext():
-        _dscnet(in_features, depth, activation, train, DTYPES[dtype_name])
+        _dscnet(in_features, depth, activation, train, DTYPES[dtype_name], stages)
 
 
-def _dscnet(in_features: int, depth: int, activation: str, train: bool, dtype: tuple[Any, Any, float]) -> None:
+def _dscnet(in_features: int, depth: int, activation: str, train: bool, dtype: tuple[Any, Any, float],
+            stages: dict[str, Any]) -> None:
     pdt, npdt, rtol = dtype
-    net = jax_twin(tnn.DSCNet(num_classes=5, in_channels=in_features, width=4, depth=depth,
-                              activation=activation), pdt)
+    arch = stages or {"width": 4}
+    net = jax_twin(tnn.DSCNet(num_classes=5, in_channels=in_features, depth=depth, activation=activation, **arch),
+                   pdt)
     randomize_batchnorms(net)
     net.train() if train else net.eval()
     x = np.random.default_rng(0).random((3, 12, 10, in_features)).astype(npdt)

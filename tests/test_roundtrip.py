@@ -62,6 +62,8 @@ FAMILIES: dict[str, tuple[Callable[[Any], nnx.Module], tuple[int, ...]]] = {
                                               rngs=nnx.Rngs(7)), (2, 6, 6, 3)),
     "DSCNet": (lambda dt: DSCNet(num_classes=3, width=4, depth=1, param_dtype=dt, rngs=nnx.Rngs(8)),
                (2, 8, 8, 3)),
+    "DSCNet-8x8": (lambda dt: DSCNet(num_classes=3, widths=(4, 8, 12), strides=(1, 2, 2), dilations=(1, 2), depth=2,
+                                     param_dtype=dt, rngs=nnx.Rngs(9)), (2, 16, 16, 3)),
 }
 
 

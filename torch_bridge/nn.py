@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxdsc import _checks
-from jaxdsc.models import CIFAR10_MEAN, CIFAR10_STD, block_plan
+from jaxdsc.models import CIFAR10_MEAN, CIFAR10_STD, block_plan, stage_config
 from jaxdsc.padding import PaddingLike, canonical_padding, resolve_padding
 
 IntOrTuple = int | Sequence[int]
@@ -382,8 +382,11 @@ class DSCNet(nn.Module):
         num_classes: int = 10,
         *,
         in_channels: int = 3,
-        width: int = 32,
+        width: int | None = None,
         depth: int = 2,
+        widths: Sequence[int] | None = None,
+        strides: Sequence[int] = (1, 2, 1),
+        dilations: Sequence[int] = (2, 4),
         activation: str = "relu",
         momentum: float = 0.1,
         eps: float = 1e-5,
@@ -391,7 +394,7 @@ class DSCNet(nn.Module):
         super().__init__()
         self.num_classes = _checks.positive_int("num_classes", num_classes)
         self.in_channels = _checks.positive_int("in_channels", in_channels)
-        self.width = _checks.positive_int("width", width)
+        self.width, self.widths, self.strides, self.dilations = stage_config(width, widths, strides, dilations)
         self.depth = _checks.positive_int("depth", depth)
         self.activation = _check_activation("activation", activation)
         self.momentum, self.eps = momentum, eps
@@ -401,13 +404,13 @@ class DSCNet(nn.Module):
             mean, std = (0.5,) * in_channels, (0.5,) * in_channels
         common = dict(activation=activation, momentum=momentum, eps=eps)
         self.normalize = Normalize(in_channels, mean, std)
-        self.stem = ConvBlock(in_channels, width, 3, **common)
+        self.stem = ConvBlock(in_channels, self.width, 3, **common)
         self.blocks = nn.ModuleList([
             SeparableBlock(b.in_features, b.out_features, 3, stride=b.stride, dilation=b.dilation,
                            residual=b.in_features == b.out_features and b.stride == 1, **common)
-            for b in block_plan(width, depth)
+            for b in block_plan(self.widths, depth, self.dilations, self.strides)
         ])
-        self.head = nn.Linear(4 * width, num_classes)
+        self.head = nn.Linear(self.widths[2], num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(self.normalize(x))

@@ -7,7 +7,14 @@ importable directly.
 
 from jaxdsc.models._registry import create, get_builder, list_models, register_model
 from jaxdsc.models.deeplabv3plus import DeepLabV3Plus
-from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD, BlockSpec, DSCNet, block_plan
+from jaxdsc.models.dscnet import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    BlockSpec,
+    DSCNet,
+    block_plan,
+    stage_config,
+)
 from jaxdsc.models.tcn import (
     TCN,
     CausalConv,
@@ -50,4 +57,5 @@ __all__ = [
     "get_builder",
     "list_models",
     "register_model",
+    "stage_config",
 ]

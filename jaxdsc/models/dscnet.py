@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -27,25 +28,55 @@ class BlockSpec(NamedTuple):
     dilation: int
 
 
-def block_plan(width: int, depth: int, dilations: tuple[int, ...] = (2, 4)) -> list[BlockSpec]:
+def block_plan(
+    width: int | Sequence[int],
+    depth: int,
+    dilations: Sequence[int] = (2, 4),
+    strides: Sequence[int] = (1, 2, 1),
+) -> list[BlockSpec]:
     """The separable blocks of :class:`DSCNet` (shared with its PyTorch twin).
 
-    Three stages of ``depth`` blocks, widths ``w, 2w, 4w``:
+    Three stages of ``depth`` blocks; ``width`` is the first stage's width
+    (stages ``w, 2w, 4w``) or the three widths. The first block of stage ``i``
+    has stride ``strides[i]``. Dilations:
 
-    1. full resolution, dilation 1;
-    2. the first block halves the resolution (stride 2), the rest use dilation 1
-       then ``dilations[0]``, alternating;
-    3. *no* further downsampling: the stage keeps the resolution and grows the
-       receptive field with ``dilations`` instead (DRN style), so a 32x32 input
-       ends at 16x16 with every block seeing a wide context.
+    1. stage 1: 1;
+    2. stage 2: 1 then ``dilations[0]``, alternating;
+    3. stage 3: ``dilations`` in turn (a strided first block: 1). With the
+       default strides ``(1, 2, 1)`` the stage keeps the resolution and grows
+       the receptive field with dilation instead of downsampling (DRN style):
+       a 32x32 input ends at 16x16 with every block seeing a wide context.
     """
-    w = width
-    plan = [BlockSpec(w, w, 1, 1) for _ in range(depth)]
-    plan += [BlockSpec(w if i == 0 else 2 * w, 2 * w, 2 if i == 0 else 1, (1, dilations[0])[i % 2])
+    w1, w2, w3 = (width, 2 * width, 4 * width) if isinstance(width, int) else tuple(width)
+    s1, s2, s3 = strides
+    plan = [BlockSpec(w1, w1, s1 if i == 0 else 1, 1) for i in range(depth)]
+    plan += [BlockSpec(w1 if i == 0 else w2, w2, s2 if i == 0 else 1, (1, dilations[0])[i % 2])
              for i in range(depth)]
-    plan += [BlockSpec(2 * w if i == 0 else 4 * w, 4 * w, 1, dilations[i % len(dilations)])
+    plan += [BlockSpec(w2 if i == 0 else w3, w3, s3 if i == 0 else 1,
+                       1 if i == 0 and s3 > 1 else dilations[i % len(dilations)])
              for i in range(depth)]
     return plan
+
+
+def stage_config(width: int | None, widths: Sequence[int] | None, strides: Sequence[int],
+                 dilations: Sequence[int]) -> tuple[int, tuple[int, int, int], tuple[int, int, int], tuple[int, ...]]:
+    """Validated ``(width, widths, strides, dilations)`` of a DSCNet (and of its PyTorch twin)."""
+    if widths is None:
+        w = _checks.positive_int("width", 32 if width is None else width)
+        widths = (w, 2 * w, 4 * w)
+    else:
+        widths = tuple(_checks.positive_int("widths", v) for v in widths)
+        if len(widths) != 3:
+            raise ValueError(f"widths must hold the 3 stage widths, got {widths}")
+        if width is not None and width != widths[0]:
+            raise ValueError(f"width={width} contradicts widths={widths} (width is the first stage's; pass one)")
+    strides = tuple(_checks.positive_int("strides", v) for v in strides)
+    if len(strides) != 3:
+        raise ValueError(f"strides must hold one stride per stage (3), got {strides}")
+    dilations = tuple(_checks.positive_int("dilations", v) for v in dilations)
+    if not dilations:
+        raise ValueError("dilations must not be empty")
+    return widths[0], widths, strides, dilations
 
 
 class DSCNet(nnx.Module):
@@ -59,8 +90,14 @@ class DSCNet(nnx.Module):
     Args:
       num_classes: output logits.
       in_features: image channels.
-      width: channels of the first stage (then ``2w`` and ``4w``).
+      width: channels of the first stage (then ``2w`` and ``4w``); default 32.
       depth: separable blocks per stage (3 stages, see :func:`block_plan`).
+      widths: the three stage widths instead (``width``, if given, must be
+        the first).
+      strides: stride of each stage's first block; ``(1, 2, 1)`` ends a 32x32
+        input at 16x16, ``(1, 2, 2)`` at 8x8.
+      dilations: dilations of stage 3 in turn (stage 2 alternates 1 and
+        ``dilations[0]``).
       activation: activation name used throughout.
       momentum, epsilon: BatchNorm settings (Flax momentum convention).
       impl: ``"auto"``, ``"xla"``, ``"shift"`` or ``"native"``, for every op
@@ -75,8 +112,11 @@ class DSCNet(nnx.Module):
         num_classes: int = 10,
         *,
         in_features: int = 3,
-        width: int = 32,
+        width: int | None = None,
         depth: int = 2,
+        widths: Sequence[int] | None = None,
+        strides: Sequence[int] = (1, 2, 1),
+        dilations: Sequence[int] = (2, 4),
         activation: str = "relu",
         momentum: float = 0.9,
         epsilon: float = 1e-5,
@@ -88,7 +128,7 @@ class DSCNet(nnx.Module):
     ):
         self.num_classes = _checks.positive_int("num_classes", num_classes)
         self.in_features = _checks.positive_int("in_features", in_features)
-        self.width = _checks.positive_int("width", width)
+        self.width, self.widths, self.strides, self.dilations = stage_config(width, widths, strides, dilations)
         self.depth = _checks.positive_int("depth", depth)
         self.activation = check_activation("activation", activation)
         self.momentum, self.epsilon = momentum, epsilon
@@ -100,18 +140,18 @@ class DSCNet(nnx.Module):
         else:
             mean, std = (0.5,) * in_features, (0.5,) * in_features
         self.normalize = Normalize(in_features, mean, std, param_dtype=param_dtype)
-        self.stem = ConvBlock(in_features, width, 3, impl=impl, **common)
+        self.stem = ConvBlock(in_features, self.width, 3, impl=impl, **common)
         self.blocks = nnx.List([
             SeparableBlock(
                 b.in_features, b.out_features, 3, strides=b.stride, kernel_dilation=b.dilation,
                 residual=b.in_features == b.out_features and b.stride == 1, impl=impl, **common,
             )
-            for b in block_plan(width, depth)
+            for b in block_plan(self.widths, depth, self.dilations, self.strides)
         ])
-        self.head = nnx.Linear(4 * width, num_classes, param_dtype=param_dtype, rngs=rngs)
+        self.head = nnx.Linear(self.widths[2], num_classes, param_dtype=param_dtype, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
-        """Pooled features ``(N, 4 * width)`` in float32 (float64 for float64 activations)."""
+        """Pooled features ``(N, widths[2])`` in float32 (float64 for float64 activations)."""
         h = self.stem(self.normalize(x))
         for block in self.blocks:
             h = block(h)
