@@ -136,6 +136,20 @@ def test_eval_only_reproduces_the_final_accuracy(reference, data_dir, capsys, tm
     assert got["step"] == 16
 
 
+def test_eval_only_with_tta_keeps_the_plain_accuracy_beside_it(reference, data_dir, tmp_path):
+    """--tta on a finished run (an eval-time flag: resume=True): the plain accuracy is the run's own."""
+    import shutil
+
+    workdir = tmp_path / "tta"
+    shutil.copytree(reference, workdir)
+    assert cli.main([*base_args(data_dir, workdir), "--eval-only", "--tta", "flip-shift"]) == 0
+    got = json.loads((workdir / "eval.json").read_text())
+    summary = json.loads((reference / "summary.json").read_text())
+    assert got["tta"] == "flip-shift" and summary["tta"] == "none" and "test_accuracy_no_tta" not in summary
+    assert got["test_accuracy_no_tta"] == summary["test_accuracy"]
+    assert 0 <= got["test_accuracy"] <= 1 and got["test_loss"] != summary["test_loss"]  # other logits
+
+
 def test_interrupted_run_resumes_bit_exactly(reference, data_dir, tmp_path):
     workdir = tmp_path / "resumed"
     args = base_args(data_dir, workdir)

@@ -44,6 +44,7 @@ from train.checkpointing import Checkpointer, RestoreError
 from train.config import SEQ_TASKS, Config, ConfigError, default_data_dir, validate
 from train.data import load_or_download
 from train.feed import Split, epoch_order, fits_on_device, make_mesh
+from train.model import describe as model_describe
 from train.model import initial_model
 from train.optim import make_optimizer
 
@@ -143,7 +144,7 @@ class Trainer:
             ema_decay=cfg.optim.ema_decay, input_fn=input_fn)
         train_fn = faults.wrap_train_step(train_fn)  # itself unless a nan fault is requested
         eval_fn = (seg_steps.make_eval_step(self.graph_eval, cfg.model.num_classes, input_fn) if self.seg
-                   else steps.make_eval_step(self.graph_eval, input_fn))
+                   else steps.make_eval_step(self.graph_eval, input_fn, cfg.run.tta))
         self.train_step, self.eval_step = steps.jit_steps(train_fn, eval_fn, self.mesh)
         self.meta: dict[str, Any] = {"train_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0], "data_order": feed.ORDER}
         self.traces_at_start = steps.TRACES["train_step"]
@@ -172,7 +173,7 @@ class Trainer:
         """``test_loss``, ``test_accuracy`` (per pixel for segmentation) and, for segmentation,
         ``test_miou`` and per-class ``test_iou``; None when a signal arrives first (SIGTERM must
         not wait for it)."""
-        sums = np.zeros(3)
+        sums = np.zeros(4)
         confusion = seg_metrics.ConfusionMatrix(self.cfg.model.num_classes) if self.seg else None
         t0 = time.perf_counter()
         for batch in self.test_data.eval_batches(self.eval_bs):
@@ -180,12 +181,15 @@ class Trainer:
                 return None
             out = self.eval_step(self.state, batch)
             out = steps.to_host(out)
-            sums += np.array([float(out["loss_sum"]), float(out["correct"]), float(out["count"])])
+            sums += np.array([float(out["loss_sum"]), float(out["correct"]), float(out["count"]),
+                              float(out.get("correct_plain", 0.0))])
             if confusion is not None:
                 confusion.add(out["confusion"])
         # Images per second of the whole pass (the first pass of a process includes compiling).
         result: dict[str, Any] = {"test_loss": sums[0] / sums[2], "test_accuracy": sums[1] / sums[2],
                                   "eval_images_per_second": self.test_data.n / (time.perf_counter() - t0)}
+        if self.cfg.run.tta != "none" and not self.seg:
+            result["test_accuracy_no_tta"] = sums[3] / sums[2]
         if confusion is not None:
             m = seg_metrics.metrics(confusion.mat)
             result.update(test_miou=m["mean_iou"], test_iou=m["iou"])
@@ -324,6 +328,7 @@ class Trainer:
             "train_accuracy": acc_sum / n_sum if n_sum else None,
             "test_loss": test_loss, "test_accuracy": test_acc,
             **({"test_miou": result["test_miou"]} if self.seg else {}),
+            **{k: result[k] for k in ("test_accuracy_no_tta",) if k in result},
             "lr": self._last_lr(), "train_seconds": round(self.meta["train_seconds"], 3),
             "images_per_second": round(ips, 1), "skipped_steps": int(steps.to_host(self.state.skipped)),
         }
@@ -362,10 +367,11 @@ class Trainer:
             "eval_images_per_second": round(result["eval_images_per_second"], 1),
             "params": self.num_params, "devices": self.mesh.size, "batch_size": cfg.optim.batch_size,
             "skipped_steps": int(steps.to_host(self.state.skipped)),
-            "time_to_80": workdir.time_to(self.records, 0.8), "time_to_90": workdir.time_to(self.records, 0.9),
+            **{f"time_to_{p}": workdir.time_to(self.records, p / 100) for p in (80, 85, 90, 91)},
+            "tta": cfg.run.tta, **{k: result[k] for k in ("test_accuracy_no_tta",) if k in result},
             "train_step_traces": steps.TRACES["train_step"] - self.traces_at_start,
             "model": zoo_model.describe(cfg.model) if zoo_model.is_zoo(cfg.model)
-            else f"dscnet w{cfg.model.width} d{cfg.model.depth}",
+            else model_describe(cfg.model),
             "loadavg": [round(v, 2) for v in os.getloadavg()],  # 1/5/15 min at the end: was the CPU shared?
             "malloc": malloc.status,  # per option: set, or why not
             "peak_rss_mib": workdir.peak_rss_mib(),
@@ -443,7 +449,7 @@ def _run(cfg: Config, signals: _Signals) -> int:
                     f"step {step})")
         if trainer.primary:
             workdir.write_text(trainer.workdir / "eval.json", json.dumps(
-                {**result, "task": cfg.data.task, **_task_metric(cfg.data.task, result), "step": step,
+                {**result, "task": cfg.data.task, **_task_metric(cfg.data.task, result), "tta": cfg.run.tta, "step": step,
                  "images": trainer.test_data.n}))
         if cfg.run.export_torch and trainer.primary:
             zoo_model.export(trainer.final_model(), cfg.run.export_torch, trainer.input_norm)

@@ -31,25 +31,42 @@ from flax import nnx
 from jaxdsc.models import DSCNet
 from train.config import ConfigError, ModelConfig
 
-DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "activation", "momentum", "eps"}
+DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "strides", "dilations", "activation",
+                     "momentum", "eps"}
 
 
 def compute_dtype(cfg: ModelConfig) -> Any:
     return jnp.bfloat16 if cfg.precision == "bfloat16" else None
 
 
-@functools.partial(nnx.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _create(num_classes: int, width: int, depth: int, momentum: float, precision: str, impl: str,
+def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The DSCNet architecture arguments of a model config (shared with the PyTorch reference)."""
+    stages = {"widths": tuple(cfg.widths)} if cfg.widths else {"width": cfg.width}
+    return {**stages, "depth": cfg.depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations)}
+
+
+def describe(cfg: ModelConfig) -> str:
+    """``dscnet w32 d2`` (the default stages) or ``dscnet widths 32-128-256 strides 1-2-2 d2 dil 1-2``."""
+    k = dscnet_kwargs(cfg)
+    if "width" in k and k["strides"] == (1, 2, 1) and k["dilations"] == (2, 4):
+        return f"dscnet w{cfg.width} d{cfg.depth}"
+    widths = k.get("widths") or (cfg.width, 2 * cfg.width, 4 * cfg.width)
+    dash = lambda v: "-".join(map(str, v))  # noqa: E731
+    return f"dscnet widths {dash(widths)} strides {dash(k['strides'])} d{cfg.depth} dil {dash(k['dilations'])}"
+
+
+@functools.partial(nnx.jit, static_argnums=(0, 1, 2, 3, 4))
+def _create(num_classes: int, arch: tuple[tuple[str, Any], ...], momentum: float, precision: str, impl: str,
             seed: jax.Array) -> DSCNet:
     # One compiled program instead of an eager op per parameter (seconds saved per process).
     dtype = jnp.bfloat16 if precision == "bfloat16" else None
-    return DSCNet(num_classes, width=width, depth=depth, momentum=momentum, dtype=dtype, impl=impl,
-                  rngs=nnx.Rngs(params=jax.random.key(seed)))
+    return DSCNet(num_classes, momentum=momentum, dtype=dtype, impl=impl, rngs=nnx.Rngs(params=jax.random.key(seed)),
+                  **dict(arch))
 
 
 def build(cfg: ModelConfig, seed: int) -> DSCNet:
     """A freshly initialised model (float32 parameters; bf16 compute when asked)."""
-    return _create(cfg.num_classes, cfg.width, cfg.depth, cfg.bn_momentum, cfg.precision, cfg.impl,
+    return _create(cfg.num_classes, tuple(dscnet_kwargs(cfg).items()), cfg.bn_momentum, cfg.precision, cfg.impl,
                    jnp.asarray(seed, jnp.uint32))
 
 
@@ -70,8 +87,10 @@ def _init_config(text: str) -> dict[str, Any]:
         raise ConfigError(f"--init-config is not valid JSON ({e})") from None
     if not isinstance(config, dict) or not set(config) <= DSCNET_TORCH_KEYS:
         raise ConfigError(f"--init-config must be a JSON object with keys from {sorted(DSCNET_TORCH_KEYS)}")
-    return {**{"num_classes": 10, "in_channels": 3, "width": 32, "depth": 2, "activation": "relu",
-               "momentum": 0.1, "eps": 1e-5}, **config}
+    defaults = {"num_classes": 10, "in_channels": 3, "depth": 2, "activation": "relu", "momentum": 0.1, "eps": 1e-5}
+    if "widths" not in config:
+        defaults["width"] = 32
+    return {**defaults, **config}
 
 
 def _from_torch_state(cfg: ModelConfig, torch_config: dict[str, Any], tensors: dict[str, np.ndarray],
@@ -111,8 +130,8 @@ def load_workdir(cfg: ModelConfig, path: Path, seed: int) -> tuple[nnx.Module, M
     if zoo_model.is_zoo(src):
         model = zoo_model.build(src, seed)
     else:
-        model = DSCNet(src.num_classes, width=src.width, depth=src.depth, momentum=src.bn_momentum,
-                       dtype=compute_dtype(cfg), impl=cfg.impl, rngs=nnx.Rngs(params=seed))
+        model = DSCNet(src.num_classes, momentum=src.bn_momentum, dtype=compute_dtype(cfg), impl=cfg.impl,
+                       rngs=nnx.Rngs(params=seed), **dscnet_kwargs(src))
     prefix = "ema." if any(k.startswith("ema.") for k in arrays) else ""
     for kind, var in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
         state = nnx.state(model, var)
@@ -170,9 +189,9 @@ def initial_model(cfg: ModelConfig, seed: int) -> tuple[nnx.Module, str]:
         if ckpt.name != "DSCNet":
             raise ConfigError(f"--init-from {path}: holds a {ckpt.name}, expected DSCNet")
         model, what = _from_torch_state(cfg, ckpt.config, ckpt.tensors, str(path)), "torch_bridge file"
-    note = f"init from {what} {path} (width={model.width}, depth={model.depth})"
+    note = f"init from {what} {path} (widths={model.widths}, depth={model.depth})"
     if model.num_classes != cfg.num_classes:
         note += f"; new {cfg.num_classes}-class head replaces the {model.num_classes}-class one"
-        model.head = nnx.Linear(4 * model.width, cfg.num_classes, rngs=nnx.Rngs(params=seed))
+        model.head = nnx.Linear(model.widths[2], cfg.num_classes, rngs=nnx.Rngs(params=seed))
         model.num_classes = cfg.num_classes
     return model, note

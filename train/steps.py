@@ -33,6 +33,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train.augment import augment, to_float
+from train.tta import tta_logits
 
 TRACES: collections.Counter[str] = collections.Counter()
 """How often each step function was traced in this process (1 per run is the goal)."""
@@ -184,25 +185,36 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
 
 
 def eval_logits(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,
-                input_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+                input_fn: Callable[[jax.Array], jax.Array], tta: str = "none") -> jax.Array:
     """Eval-mode outputs for uint8 images, with the EMA weights when the run keeps them."""
+    return eval_logits_tta(graph_eval, state, images, input_fn, tta)[0]
+
+
+def eval_logits_tta(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,
+                    input_fn: Callable[[jax.Array], jax.Array], tta: str) -> tuple[jax.Array, jax.Array]:
+    """``(test-time-augmented logits, plain logits)`` (:mod:`train.tta`; equal for ``tta="none"``)."""
     weights = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
     model = nnx.merge(graph_eval, weights["params"], weights["batch_stats"], state.consts)
-    return model(input_fn(to_float(images)))
+    return tta_logits(lambda x: model(input_fn(x)), to_float(images), tta)
 
 
 def make_eval_step(graph_eval: nnx.GraphDef[Any],
-                   input_fn: Callable[[jax.Array], jax.Array] | None = None) -> Callable[[TrainState, Batch], Metrics]:
-    """The (unjitted) eval step: masked sums of loss and correct predictions."""
+                   input_fn: Callable[[jax.Array], jax.Array] | None = None,
+                   tta: str = "none") -> Callable[[TrainState, Batch], Metrics]:
+    """The (unjitted) eval step: masked sums of loss and correct predictions (with ``tta``, of the
+    averaged logits; ``correct_plain`` counts those of the plain forward pass)."""
     input_fn = input_fn or (lambda x: x)
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
         TRACES["eval_step"] += 1
-        logits = eval_logits(graph_eval, state, batch["image"], input_fn)
-        mask = batch["mask"]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+        logits, plain = eval_logits_tta(graph_eval, state, batch["image"], input_fn, tta)
+        mask, labels = batch["mask"], batch["label"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = lambda z: jnp.sum((jnp.argmax(z, -1) == labels).astype(jnp.float32) * mask)  # noqa: E731
+        out = {"loss_sum": jnp.sum(loss * mask), "correct": correct(logits), "count": jnp.sum(mask)}
+        if tta != "none":
+            out["correct_plain"] = correct(plain)
+        return out
 
     return eval_step
 

@@ -7,14 +7,15 @@ Takes the trainer's own flags (same defaults and presets) and trains
 ``torch_bridge.nn.DSCNet`` with a plain PyTorch loop: SGD-Nesterov (or AdamW)
 with the trainer's schedule evaluated per step, decoupled weight decay on
 kernels only, label smoothing, the same crop+flip augmentation (vectorised on
-tensors) and the same per-epoch data order. Own flags (before or among the
+tensors), the same per-epoch data order and the same test-time augmentation
+(``--tta``). Own flags (before or among the
 trainer's): ``--torch-layout {channels_last,nchw}`` (default channels_last,
 the faster one for this net on CPU, see ``benchmarks/train_step.py``) and
 ``--torch-threads N`` (default 2).
 
 Prints one line per epoch and writes ``WORKDIR/torch_metrics.jsonl`` (one
 record per epoch: test accuracy, ``train_seconds``) and
-``WORKDIR/torch_summary.json`` (best/final test accuracy, time to 80%/90%,
+``WORKDIR/torch_summary.json`` (best/final test accuracy, time to 80/85/90/91%,
 images/s) for the images/s ratio in BENCHMARKS.md. ``images_per_second``
 leaves out the first step of the process only, as the JAX trainer leaves out
 its compiling first step, so a one-epoch run gives the steady-state speed.
@@ -47,6 +48,7 @@ from train.cli import parse
 from train.config import ModelConfig, OptimConfig, default_data_dir
 from train.data import load_or_download
 from train.feed import epoch_order
+from train.model import describe, dscnet_kwargs
 from train.optim import schedule
 
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
@@ -69,7 +71,7 @@ def augment(x: torch.Tensor, gen: torch.Generator | None, pad: int, flip: bool) 
 
 def build_model(m: ModelConfig) -> DSCNet:
     """A fresh ``torch_bridge.nn.DSCNet`` with the trainer's model settings (BN momentum in torch terms)."""
-    return DSCNet(m.num_classes, width=m.width, depth=m.depth, momentum=round(1 - m.bn_momentum, 12))
+    return DSCNet(m.num_classes, momentum=round(1 - m.bn_momentum, 12), **dscnet_kwargs(m))
 
 
 class TorchTrainStep:
@@ -110,15 +112,28 @@ class TorchTrainStep:
         return loss.detach()
 
 
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``train/tta.py`` in PyTorch (NCHW): logits averaged over mirrored and one-pixel-shifted views."""
+    if mode == "none":
+        return model(x)
+    pair = lambda v: 0.5 * (model(v) + model(v.flip(3)))  # noqa: E731
+    logits = pair(x)
+    if mode == "flip":
+        return logits
+    h, w = x.shape[2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return 0.5 * logits + 0.25 * (pair(padded[:, :, :h, :w]) + pair(padded[:, :, 2:, 2:]))
+
+
 def evaluate(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, layout: str,
-             batch_size: int = 1000) -> float:
+             batch_size: int = 1000, tta: str = "none") -> float:
     """Test accuracy in eval mode (running BN statistics), uint8 NCHW images converted per batch."""
     model.eval()
     correct = 0
     with torch.inference_mode():
         for i in range(0, len(y), batch_size):
             x = (x_uint8[i:i + batch_size].float() / 255).contiguous(memory_format=LAYOUTS[layout])
-            correct += int((model(x).argmax(1) == y[i:i + batch_size]).sum())
+            correct += int((tta_logits(model, x, tta).argmax(1) == y[i:i + batch_size]).sum())
     model.train()
     return correct / len(y)
 
@@ -175,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_epoch += dt
             step += 1
         train_seconds += t_epoch
-        acc = evaluate(model, test_x, test_y, layout=own.torch_layout)
+        acc = evaluate(model, test_x, test_y, layout=own.torch_layout, tta=cfg.run.tta)
         rec = {"epoch": epoch + 1, "step": step, "test_accuracy": acc, "train_loss_last": float(loss),
                "train_seconds": round(train_seconds, 3), "images_per_second": round(spe * o.batch_size / t_epoch, 1)}
         records.append(rec)
@@ -186,9 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ips = fast_images / fast_seconds if fast_seconds else 0.0
     (workdir / "torch_summary.json").write_text(json.dumps(
         {"test_accuracy": acc, "best_test_accuracy": max(r["test_accuracy"] for r in records),
-         "time_to_80": _time_to(records, 0.8), "time_to_90": _time_to(records, 0.9),
+         **{f"time_to_{p}": _time_to(records, p / 100) for p in (80, 85, 90, 91)}, "tta": cfg.run.tta,
          "train_seconds": round(train_seconds, 3), "images_per_second": round(ips, 1), "epochs": o.epochs,
-         "steps": step, "batch_size": o.batch_size, "model": f"dscnet w{m.width} d{m.depth}",
+         "steps": step, "batch_size": o.batch_size, "model": describe(m),
          "layout": own.torch_layout, "threads": torch.get_num_threads(), "torch": torch.__version__}, indent=1))
     return 0
 

@@ -1,0 +1,143 @@
+"""The pieces of the CIFAR-10 recipe (issue 16): DSCNet stage layouts and test-time augmentation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxdsc.models import DSCNet, block_plan
+from train import steps
+from train.config import PRESETS, ConfigError, validate, with_overrides
+from train.model import build, describe
+from train.tta import mirror, shifted, tta_logits
+
+
+def test_default_plan_is_unchanged_and_8x8_layout_dilates_after_downsampling():
+    assert [tuple(b) for b in block_plan(4, 2)] == [
+        (4, 4, 1, 1), (4, 4, 1, 1), (4, 8, 2, 1), (8, 8, 1, 2), (8, 16, 1, 2), (16, 16, 1, 4)]
+    plan = block_plan((4, 8, 12), 3, dilations=(1, 2), strides=(1, 2, 2))
+    # A strided first block never dilates; the stage then takes the dilations in turn.
+    assert [(b.stride, b.dilation) for b in plan[6:]] == [(2, 1), (1, 2), (1, 1)]
+    model = DSCNet(10, widths=(4, 8, 12), strides=(1, 2, 2), dilations=(1, 2), rngs=nnx.Rngs(0))
+    model.eval()
+    assert model.head.in_features == 12 and model.width == 4
+    h = model.stem(model.normalize(jnp.zeros((1, 32, 32, 3))))
+    for block in model.blocks:
+        h = block(h)
+    assert h.shape == (1, 8, 8, 12)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"width": 8, "widths": (4, 8, 12)}, "width=8 contradicts widths"),
+    ({"widths": (4, 8)}, "widths must hold the 3"),
+    ({"widths": (4, 0, 8)}, "widths"),
+    ({"strides": (1, 2)}, "strides must hold one stride per stage"),
+    ({"dilations": ()}, "dilations must not be empty"),
+    ({"dilations": (1, -2)}, "dilations"),
+])
+def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DSCNet(10, rngs=nnx.Rngs(0), **kwargs)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"model": {"widths": [8, 16]}}, "--widths must be 3 positive ints"),
+    ({"model": {"widths": [8, 16, 32], "width": 16}}, "--width 16 contradicts --widths"),
+    ({"model": {"strides": [1, 2]}}, "--strides must be 3"),
+    ({"model": {"dilations": []}}, "--dilations one or more"),
+    ({"data": {"task": "adding"}, "model": {"model": "tcn", "channels": [4]}, "run": {"tta": "flip"}},
+     "--tta flip is for --task cifar10"),
+])
+def test_recipe_flags_are_validated(overrides, match):
+    cfg = PRESETS["tiny"]
+    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in overrides.items()})
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+def test_cifar10_cpu_preset_uses_dilation_after_downsampling_to_8x8():
+    cfg = validate(PRESETS["cifar10-cpu"])
+    model = build(cfg.model, 0)
+    assert any(b.kernel_dilation[0] > 1 for b in model.blocks)
+    assert "strides 1-2-2" in describe(cfg.model) and cfg.run.tta != "none"
+    assert describe(PRESETS["default"].model) == "dscnet w32 d2"
+    assert with_overrides(cfg, {"widths": [8, 16, 24]}).model.widths == [8, 16, 24]
+
+
+def test_shifted_views_move_the_image_one_pixel_with_reflection():
+    x = jnp.arange(2 * 4 * 5 * 1, dtype=jnp.float32).reshape(2, 4, 5, 1)
+    up_left, down_right = shifted(x)
+    # Up-left view: row/col 0 are the reflection of row/col 1, then the image moves down-right by one.
+    np.testing.assert_array_equal(up_left[:, 1:, 1:], x[:, :-1, :-1])
+    np.testing.assert_array_equal(up_left[:, 0, 1:], x[:, 1, :-1])
+    np.testing.assert_array_equal(down_right[:, :-1, :-1], x[:, 1:, 1:])
+    np.testing.assert_array_equal(mirror(mirror(x)), x)
+    assert up_left.shape == down_right.shape == x.shape
+
+
+def test_tta_averages_the_views_with_airbench_weights():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((3, 6, 6, 2), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((6 * 6 * 2, 4), dtype=np.float32))
+    apply = lambda v: v.reshape(v.shape[0], -1) @ w  # noqa: E731 - a linear "model": sees position and side
+    logits, plain = tta_logits(apply, x, "none")
+    np.testing.assert_array_equal(logits, plain)
+    np.testing.assert_array_equal(plain, apply(x))
+    flip, plain = tta_logits(apply, x, "flip")
+    np.testing.assert_allclose(flip, 0.5 * (apply(x) + apply(mirror(x))), rtol=1e-6)
+    both, _ = tta_logits(apply, x, "flip-shift")
+    a, b = shifted(x)
+    pair = lambda v: 0.5 * (apply(v) + apply(mirror(v)))  # noqa: E731
+    np.testing.assert_allclose(both, 0.5 * pair(x) + 0.25 * (pair(a) + pair(b)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tta mode"):
+        tta_logits(apply, x, "rotate")
+
+
+def test_eval_step_counts_plain_and_augmented_predictions():
+    model = DSCNet(10, width=4, depth=1, rngs=nnx.Rngs(0))
+    _, graph_eval, params, stats, consts = steps.split_model(model)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = steps.create_state(params, stats, consts, optax.sgd(0.1), mesh, seed=0, ema=False)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)),
+             "label": jnp.asarray(rng.integers(0, 10, 8).astype(np.int32)),
+             "mask": jnp.asarray([True] * 6 + [False] * 2)}
+    plain = jax.jit(steps.make_eval_step(graph_eval))(state, batch)
+    out = jax.jit(steps.make_eval_step(graph_eval, tta="flip-shift"))(state, batch)
+    assert "correct_plain" not in plain and float(out["count"]) == 6
+    assert float(out["correct_plain"]) == float(plain["correct"])
+    logits, _ = steps.eval_logits_tta(graph_eval, state, batch["image"], lambda v: v, "flip-shift")
+    expect = np.sum((np.argmax(np.asarray(logits), -1) == np.asarray(batch["label"])) * np.asarray(batch["mask"]))
+    assert float(out["correct"]) == expect
+
+
+@pytest.mark.parametrize("mode", ["flip", "flip-shift"])
+def test_torch_reference_tta_is_the_same_function(mode):
+    """The PyTorch reference's TTA (train/scripts/torch_reference.py) equals train.tta on twin models:
+    float32 with different conv algorithms, 1e-5 of max |logit| is a few ulps of the sums."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    import torch_bridge
+
+    path = Path(__file__).resolve().parents[1] / "train/scripts/torch_reference.py"
+    spec = importlib.util.spec_from_file_location("torch_reference", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    model = DSCNet(10, widths=(4, 8, 12), strides=(1, 2, 2), dilations=(1, 2), rngs=nnx.Rngs(0))
+    model.eval()
+    twin = torch_bridge.to_torch(model).eval()
+    x = np.random.default_rng(1).random((4, 32, 32, 3), dtype=np.float32)
+    got, _ = tta_logits(model, jnp.asarray(x), mode)
+    with torch.no_grad():
+        want = ref.tta_logits(twin, torch.from_numpy(x).permute(0, 3, 1, 2), mode).numpy()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
