@@ -54,7 +54,7 @@ import torch_bridge
 from train import steps
 from train.config import PRESETS, Config, validate, with_overrides
 from train.feed import Split, epoch_order, make_mesh
-from train.model import initial_model
+from train.model import describe, initial_model
 from train.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
     ips = {k: (bs if k.endswith("_train") else ebs) / (t.median_ms * 1e-3) for k, t in timings.items()}
     ips_best = {k: (bs if k.endswith("_train") else ebs) / (t.min_ms * 1e-3) for k, t in timings.items()}
     out: dict[str, Any] = {
-        "config": {"width": cfg.model.width, "depth": cfg.model.depth, "batch_size": bs, "eval_batch": ebs,
+        "config": {"model": describe(cfg.model), "width": cfg.model.width, "depth": cfg.model.depth, "batch_size": bs, "eval_batch": ebs,
                    "optimizer": cfg.optim.optimizer, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
                    "label_smoothing": cfg.optim.label_smoothing, "crop_padding": cfg.data.crop_padding,
                    "flip": cfg.data.flip, "impl": cfg.model.impl, "precision": cfg.model.precision,
@@ -265,7 +265,7 @@ def markdown(results: dict[str, Any]) -> str:
         s = r["sanity"]
         check = "-" if s is None else f"{'yes' if s['ok'] else 'NO'} ({s['max_abs_loss_diff']:.1e})"
         lines.append(
-            f"| w{c['width']} d{c['depth']} b{c['batch_size']} (eval b{c['eval_batch']}) | {i['jax_train']:.0f} | "
+            f"| {_name(c)} b{c['batch_size']} (eval b{c['eval_batch']}) | {i['jax_train']:.0f} | "
             f"{i['torch_nchw_train']:.0f} | {i['torch_cl_train']:.0f} | **{r['train_ratio']:.2f}** "
             f"({r['train_ratio_best_round']:.2f}) | {i['jax_eval']:.0f} | {i['torch_nchw_eval']:.0f} | "
             f"{i['torch_cl_eval']:.0f} | **{r['eval_ratio']:.2f}** ({r['eval_ratio_best_round']:.2f}) | {check} | "
@@ -281,7 +281,7 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["configs"]:
         c, t, e = r["config"], r["timings"], r["estimate"]
         lines.append(
-            f"| w{c['width']} d{c['depth']} b{c['batch_size']} | {t['jax_train']['median_ms']:.0f} | "
+            f"| {_name(c)} b{c['batch_size']} | {t['jax_train']['median_ms']:.0f} | "
             f"{t['torch_nchw_train']['median_ms']:.0f} | {t['torch_cl_train']['median_ms']:.0f} | "
             f"{e['epoch_train_seconds']:.0f} / {e['torch_epoch_train_seconds']:.0f} | "
             f"{e['epochs']} ep: {e['schedule_train_seconds']:.0f} (+{e['epochs'] * e['eval_seconds']:.0f}) | "
@@ -297,8 +297,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for depth in args.depth:
             for bs in args.batch_size:
                 over = {"width": width, "depth": depth, "batch_size": bs}
-                cfg = validate(with_overrides(PRESETS[args.preset], {k: v for k, v in over.items() if v}))
-                print(f"config w{cfg.model.width} d{cfg.model.depth} b{cfg.optim.batch_size} "
+                preset = PRESETS[args.preset]
+                if width and preset.model.widths:  # scale the preset's stage widths to a first stage of `width`
+                    over["widths"] = [v * width // preset.model.widths[0] for v in preset.model.widths]
+                cfg = validate(with_overrides(preset, {k: v for k, v in over.items() if v}))
+                print(f"config {describe(cfg.model)} b{cfg.optim.batch_size} "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
                 r = bench_config(args, cfg, images, labels)
                 i = r["images_per_second"]
@@ -310,6 +313,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["configs"].append(r)
     results["ok"] = all(r["sanity"] is None or r["sanity"]["ok"] for r in results["configs"])
     return results
+
+
+def _name(c: dict[str, Any]) -> str:
+    """The model of a result row (older result files have width and depth only)."""
+    return c.get("model") or f"w{c['width']} d{c['depth']}"
 
 
 def _ints(text: str) -> list[int]:

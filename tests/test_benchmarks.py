@@ -127,3 +127,33 @@ def test_pw_kernel_driver_checks_its_gemm(tmp_path: Path) -> None:
     assert re.search(r"GEMM [\d.]+ us .* GEMM at [\d.]+% of peak", proc.stdout), proc.stdout
     bad = subprocess.run([str(exe), "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_summarize_cifar_tabulates_seeds_and_their_mean(tmp_path):
+    """Three seed workdirs and a one-epoch torch run -> one row each, a mean row, the torch row."""
+    cfg = {"optim": {"epochs": 2, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "schedule": "onecycle",
+                     "weight_decay": 5e-4, "label_smoothing": 0.1}}
+    runs = []
+    for seed, (acc, t90) in enumerate([(0.90, 100.0), (0.92, 80.0), (0.91, None)]):
+        w = tmp_path / f"s{seed}"
+        w.mkdir()
+        (w / "config.json").write_text(json.dumps({**cfg, "run": {"seed": seed}}))
+        (w / "summary.json").write_text(json.dumps({
+            "model": "dscnet w32 d2", "params": 1000, "macs": 2e6, "tta": "flip", "test_accuracy": acc,
+            "test_accuracy_no_tta": acc - 0.01, "time_to_85": 50.0, "time_to_90": t90, "time_to_91": None,
+            "train_seconds": 120.0, "images_per_second": 500.0, "loadavg": [2.0, 2.0, 2.0]}))
+        (w / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": acc, "train_seconds": 60.0,
+                                                     "images_per_second": 500.0}) + "\n")
+        runs.append(str(w))
+    t = tmp_path / "torch"
+    t.mkdir()
+    (t / "torch_summary.json").write_text(json.dumps({"test_accuracy": 0.5, "images_per_second": 250.0,
+                                                      "epochs": 1, "layout": "channels_last", "threads": 2}))
+    out = _run([sys.executable, str(BENCH / "summarize_cifar.py"), "--jax", *runs, "--torch", str(t)]).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    assert len(lines) == 1 + 3 + 1 + 1  # header, seeds, mean, torch
+    assert "90.00% (89.00%)" in lines[1] and "**2.00**" in lines[1]  # 500 / 250 img/s
+    mean = lines[4]
+    assert "**91.00%** (90.00%)" in mean
+    assert "not reached" in mean  # seed 2 never reached 90%: no mean time to 90%
+    assert lines[5].count("| - |") >= 1 and "250" in lines[5]  # a 1-epoch torch run: speed only
