@@ -272,7 +272,7 @@ def _tiny() -> Config:
 def _cifar10_cpu() -> Config:
     # ~30 min of training on 2 CPU cores (figures: BENCHMARKS.md, "CIFAR-10 training runs"). Stages
     # 32/128/256 ending at 8x8, dilation 2 there: 3.3x the parameters of the old 16x16 w32 layout at
-    # 0.95x its images/s (the first stage at 32x32 costs most). 84.1-84.6% (2 seeds) in 26-30 min, Intel VM.
+    # 0.95x its images/s (the first stage at 32x32 costs most). 84.24% (mean of 3 seeds) in 22-30 min, Intel VM.
     return Config(
         model=ModelConfig(width=32, depth=2, widths=[32, 128, 256], strides=[1, 2, 2], dilations=[1, 2]),
         optim=OptimConfig(
@@ -281,7 +281,7 @@ def _cifar10_cpu() -> Config:
             lr=0.1, warmup_epochs=2.0, weight_decay=5e-4, label_smoothing=0.1,
         ),
         run=RunConfig(checkpoint_every=400, eval_batch_size=500,
-                      tta="flip-shift"),  # +1.2 / +1.4 points (2 seeds) for 6x the eval passes
+                      tta="flip-shift"),  # +1.2-1.4 points (3 seeds) for 6x the eval passes
     )
 
 
