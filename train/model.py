@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdsc.models import DSCNet
+from jaxdsc.models import DSCNet, stage_config
 from train.config import ConfigError, ModelConfig
 
 DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "strides", "dilations", "activation",
@@ -47,12 +47,13 @@ def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def describe(cfg: ModelConfig) -> str:
     """``dscnet w32 d2`` (the default stages) or ``dscnet widths 32-128-256 strides 1-2-2 d2 dil 1-2``."""
-    k = dscnet_kwargs(cfg)
-    if "width" in k and k["strides"] == (1, 2, 1) and k["dilations"] == (2, 4):
+    default = ModelConfig()
+    if not cfg.widths and cfg.strides == default.strides and cfg.dilations == default.dilations:
         return f"dscnet w{cfg.width} d{cfg.depth}"
-    widths = k.get("widths") or (cfg.width, 2 * cfg.width, 4 * cfg.width)
+    k = dscnet_kwargs(cfg)
+    _, widths, strides, dilations = stage_config(k.get("width"), k.get("widths"), k["strides"], k["dilations"])
     dash = lambda v: "-".join(map(str, v))  # noqa: E731
-    return f"dscnet widths {dash(widths)} strides {dash(k['strides'])} d{cfg.depth} dil {dash(k['dilations'])}"
+    return f"dscnet widths {dash(widths)} strides {dash(strides)} d{cfg.depth} dil {dash(dilations)}"
 
 
 @functools.partial(nnx.jit, static_argnums=(0, 1, 2, 3, 4))
@@ -87,10 +88,9 @@ def _init_config(text: str) -> dict[str, Any]:
         raise ConfigError(f"--init-config is not valid JSON ({e})") from None
     if not isinstance(config, dict) or not set(config) <= DSCNET_TORCH_KEYS:
         raise ConfigError(f"--init-config must be a JSON object with keys from {sorted(DSCNET_TORCH_KEYS)}")
-    defaults = {"num_classes": 10, "in_channels": 3, "depth": 2, "activation": "relu", "momentum": 0.1, "eps": 1e-5}
-    if "widths" not in config:
-        defaults["width"] = 32
-    return {**defaults, **config}
+    # No "width": the twin's own default (32) applies unless "widths" is given.
+    return {**{"num_classes": 10, "in_channels": 3, "depth": 2, "activation": "relu", "momentum": 0.1, "eps": 1e-5},
+            **config}
 
 
 def _from_torch_state(cfg: ModelConfig, torch_config: dict[str, Any], tensors: dict[str, np.ndarray],

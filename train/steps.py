@@ -185,9 +185,9 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
 
 
 def eval_logits(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,
-                input_fn: Callable[[jax.Array], jax.Array], tta: str = "none") -> jax.Array:
+                input_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Eval-mode outputs for uint8 images, with the EMA weights when the run keeps them."""
-    return eval_logits_tta(graph_eval, state, images, input_fn, tta)[0]
+    return eval_logits_tta(graph_eval, state, images, input_fn, "none")[0]
 
 
 def eval_logits_tta(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,

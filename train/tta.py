@@ -37,9 +37,9 @@ def tta_logits(apply: Callable[[jax.Array], jax.Array], images: jax.Array, mode:
     plain = apply(images)
     if mode == "none":
         return plain, plain
-    pair = lambda x, first=None: 0.5 * ((apply(x) if first is None else first) + apply(mirror(x)))  # noqa: E731
-    logits = pair(images, plain)
+    logits = 0.5 * (plain + apply(mirror(images)))
     if mode == "flip":
         return logits, plain
+    pair = lambda x: 0.5 * (apply(x) + apply(mirror(x)))  # noqa: E731
     up_left, down_right = shifted(images)
     return 0.5 * logits + 0.25 * (pair(up_left) + pair(down_right)), plain
