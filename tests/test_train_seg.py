@@ -152,7 +152,8 @@ def test_unet_run_export_same_miou_in_torch_and_workdir_tools(tmp_path):
     from train.export import export_workdir
 
     work, out = tmp_path / "run", tmp_path / "unet.safetensors"
-    args = ["--preset", "shapes-seg-unet", "--model-kwargs", '{"width": 4, "depth": 2}', "--image-size", "32",
+    args = ["--preset", "shapes-seg-unet", "--model-kwargs", '{"width": 4, "depth": 1, "dilations": [2]}',
+            "--image-size", "32",
             "--train-limit", "32", "--test-limit", "12", "--batch-size", "8", "--epochs", "2",
             "--eval-batch-size", "8", "--workdir", str(work), "--no-progress", "--export-torch", str(out)]
     assert main(args) == 0
