@@ -249,6 +249,21 @@ def native_isa(isa: str) -> Iterator[None]:
         native.set_isa("best")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    """One PyTorch intra-op thread in each test process (set before every test: a benchmark's
+    ``--threads`` may have changed it).
+
+    The suite's tensors are small, so extra OpenMP threads buy nothing, and with ``-n 2`` workers
+    on 2 cores (CI) or beside other load they oversubscribe the cores: OpenMP's spinning barriers
+    then stall. Measured on a loaded 2-core machine: the float64 DeepLabV3+ forward of
+    test_zoo_deeplabv3plus took 58 s with 2 threads and 0.05 s with 1. Results are unchanged
+    up to summation order, which every tolerance already allows.
+    """
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def x64() -> Iterator[None]:
     """Run the test with ``jax_enable_x64``; restored afterwards."""
