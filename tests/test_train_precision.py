@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import jax_call
 from flax import nnx
 
 from train import cli
@@ -27,8 +28,8 @@ def test_bfloat16_model_computes_in_bfloat16_with_float32_params():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     m32.eval()
     m16.eval()
-    x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
-    y32, y16 = np.asarray(m32(x)), np.asarray(m16(x))
+    x = np.random.default_rng(1).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    y32, y16 = np.asarray(jax_call(m32, x)), np.asarray(jax_call(m16, x))  # jitted: no per-op compiles
     assert y16.dtype == np.float32  # logits come back in float32 for the loss
     err = np.abs(y16 - y32).max() / np.abs(y32).max()
     # bf16 has an 8-bit mantissa (rel. step 2^-8 = 4e-3): a few layers of it give ~1e-2. An error of
