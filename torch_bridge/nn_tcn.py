@@ -19,13 +19,13 @@ from torch.nn.utils import parametrizations
 from jaxdsc import _checks
 from torch_bridge.nn import Conv, DepthwiseConv, PointwiseConv
 
-_INIT_STD = 0.01  # as jaxdsc.models.tcn (and locuslab/TCN)
+# As jaxdsc.models.tcn: convs keep PyTorch's default init (what locuslab/TCN effectively runs, its
+# N(0, 0.01) draw being overwritten by weight_norm's hook); the downsample and linear weights N(0, 0.01).
+_LINEAR_STD = 0.01
 
 
 def _weight_norm_(module: nn.Module) -> None:
-    """Draw ``v`` from N(0, 0.01) and parametrise ``weight`` as ``g * v / ||v||`` with ``g = ||v||``."""
-    with torch.no_grad():
-        nn.init.normal_(module.weight, 0.0, _INIT_STD)
+    """Parametrise the default-initialised ``weight`` as ``g * v / ||v||`` with ``g = ||v||``."""
     parametrizations.weight_norm(module, "weight", dim=0)
 
 
@@ -76,11 +76,6 @@ class CausalConv(nn.Module):
             conv_cls = WeightNormConv if weight_norm else Conv
             self.depthwise = self.pointwise = None
             self.conv = conv_cls(in_channels, out_channels, k, padding="CAUSAL", dilation=d)
-        if not weight_norm:
-            with torch.no_grad():
-                for m in (self.depthwise, self.pointwise, self.conv):
-                    if m is not None:
-                        nn.init.normal_(m.weight, 0.0, _INIT_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is not None:
@@ -108,7 +103,7 @@ class TemporalBlock(nn.Module):
         if in_channels != out_channels:
             self.downsample = PointwiseConv(in_channels, out_channels, num_spatial_dims=1)
             with torch.no_grad():
-                nn.init.normal_(self.downsample.weight, 0.0, _INIT_STD)
+                nn.init.normal_(self.downsample.weight, 0.0, _LINEAR_STD)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         return F.glu(h, dim=1) if self.gated else F.relu(h)
@@ -156,8 +151,7 @@ class TCN(nn.Module):
         ])
         self.linear = nn.Linear(self.channels[-1], self.out_channels)
         with torch.no_grad():
-            nn.init.normal_(self.linear.weight, 0.0, _INIT_STD)
-            nn.init.zeros_(self.linear.bias)
+            nn.init.normal_(self.linear.weight, 0.0, _LINEAR_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.in_channels:
