@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import scipy.io
@@ -62,3 +63,34 @@ def test_task_model_mismatch_is_a_usage_error(capsys):
         cli.parse(["--task", "adding"])
     assert e.value.code == 2
     assert "--model tcn" in capsys.readouterr().err
+
+
+PAPER_PARAMS = {"adding": 70_000, "copy": 16_000, "music-jsb": 300_000, "music-nottingham": 1_000_000}
+
+
+@pytest.mark.parametrize("task", sorted(PAPER_PARAMS))
+def test_sequence_presets_and_their_dense_references(task):
+    """Each task preset is a separable TCN within the paper's parameter count (issue 17); its "-dense"
+    preset is the same run (data, optimiser, schedule) with dense convs of about the same size."""
+    import dataclasses
+
+    from flax import nnx
+
+    from jaxdsc.models import TCN
+    from train.config import PRESETS, validate
+    from train.seq_loop import task_features
+
+    sep, dense = validate(PRESETS[task]), validate(PRESETS[task + "-dense"])
+    assert sep.data.task == dense.data.task == task
+    assert sep.model.separable and not dense.model.separable
+    assert sep.optim == dense.optim and sep.data == dense.data
+    assert dataclasses.replace(dense.model, separable=True, channels=sep.model.channels) == sep.model
+
+    def params(cfg):
+        m = nnx.eval_shape(lambda: TCN(*task_features(task), cfg.model.channels, kernel_size=cfg.model.kernel_size,
+                                       separable=cfg.model.separable, rngs=nnx.Rngs(0)))
+        return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+    n_sep, n_dense = params(sep), params(dense)
+    assert n_sep <= PAPER_PARAMS[task]
+    assert 0.85 < n_dense / n_sep < 1.3, (n_sep, n_dense)

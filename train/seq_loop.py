@@ -55,7 +55,8 @@ def _bucket(n: int) -> int:
     return b
 
 
-def _features(task: str) -> tuple[int, int]:
+def task_features(task: str) -> tuple[int, int]:
+    """(input, output) features per time step of a sequence task's model."""
     return {"adding": (2, 1), "copy": (1, 10)}.get(task, (seq_data.KEYS, seq_data.KEYS))
 
 
@@ -97,7 +98,7 @@ class SeqTrainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-        fin, fout = _features(self.task)
+        fin, fout = task_features(self.task)
         model = TCN(fin, fout, m.channels, kernel_size=m.kernel_size, separable=m.separable, dropout=m.dropout,
                     gated=m.gated, impl=m.impl, rngs=nnx.Rngs(cfg.run.seed))
         self.graph, params, rest = nnx.split(model, nnx.Param, ...)
