@@ -12,12 +12,20 @@ in one process, interleaved (``benchmarks/_harness.py``):
   (JAX: one jitted pure function with donated state; torch: zero_grad,
   forward, backward, ``optimizer.step``).
 
+``--presets adding,copy,...`` times instead the trainer's sequence presets
+(``python -m train --preset NAME``) and their ``-dense`` references at their
+own widths, batch and length (music: the median padded batch length of a
+training epoch), train step only, reporting sequences/s of both sides: the
+PyTorch reference for the training table (dropout off on both sides, SGD
+instead of the presets' Adam: the optimizer is a negligible part of a step).
+
 Before timing, forward outputs and one step's loss are compared, so both
 sides compute the same function. Reported: medians over rounds (ms), and the
 ratio jaxdsc / torch (< 1: jaxdsc faster).
 
     python benchmarks/tcn.py                                   # full (minutes; run on a quiet CPU)
     python benchmarks/tcn.py --lengths 64 --levels 3 --rounds 2 --block-s 0.02   # smoke
+    python benchmarks/tcn.py --presets adding,copy,music-jsb,music-nottingham   # the training presets
 """
 
 from __future__ import annotations
@@ -40,10 +48,39 @@ from flax import nnx
 import torch_bridge
 from jaxdsc.models import TCN
 
+# Length at which a preset's step is timed: the generated tasks' T (copy: 1000 blanks + 20), and for the
+# music sets the median padded length of a training epoch's batches of 8 (train.seq_loop buckets them).
+PRESET_LENGTH = {"adding": 600, "copy": 1020, "music-jsb": 104, "music-nottingham": 448}
 
-def _models(kind: str, args: argparse.Namespace) -> tuple[TCN, torch.nn.Module]:
-    c = args.channels
-    m = TCN(c, c, [c] * args.levels, kernel_size=args.kernel_size, separable=kind == "separable",
+
+def _case(t: int, kind: str, fin: int, fout: int, channels: list[int], k: int, batch: int,
+          label: str = "") -> dict:
+    return {"T": t, "kind": kind, "fin": fin, "fout": fout, "channels": channels, "k": k, "batch": batch,
+            "label": label}
+
+
+def _cases(args: argparse.Namespace) -> list[dict]:
+    if not args.presets:
+        c = args.channels
+        return [_case(int(t), kind, c, c, [c] * args.levels, args.kernel_size, args.batch)
+                for t in args.lengths.split(",") for kind in args.kinds.split(",")]
+    from train.config import PRESETS
+    from train.seq_loop import task_features
+
+    cases = []
+    for name in args.presets.split(","):
+        if name not in PRESET_LENGTH:
+            raise SystemExit(f"--presets: {name!r} is not a sequence preset; expected some of {sorted(PRESET_LENGTH)}")
+        for label in (name, name + "-dense"):
+            cfg = PRESETS[label]
+            cases.append(_case(PRESET_LENGTH[name], "separable" if cfg.model.separable else "dense",
+                               *task_features(cfg.data.task), list(cfg.model.channels), cfg.model.kernel_size,
+                               cfg.optim.batch_size, label))
+    return cases
+
+
+def _models(case: dict) -> tuple[TCN, torch.nn.Module]:
+    m = TCN(case["fin"], case["fout"], case["channels"], kernel_size=case["k"], separable=case["kind"] == "separable",
             rngs=nnx.Rngs(0))
     return m, torch_bridge.to_torch(m)
 
@@ -110,33 +147,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block-s", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--presets", default="", help="comma list of sequence presets to time instead (train step)")
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     lr = 1e-3
     rows = []
-    for t in (int(v) for v in args.lengths.split(",")):
-        x = np.random.default_rng(t).standard_normal((args.batch, t, args.channels)).astype(np.float32)
-        for kind in args.kinds.split(","):
-            model, twin = _models(kind, args)
-            jf, js, jy, jloss = _jax_fns(model, x, lr)
-            tf, ts, ty, tloss = _torch_fns(twin, x, lr)
-            err = float(np.abs(np.asarray(jy) - ty).max() / max(np.abs(ty).max(), 1e-30))
-            if err > 1e-4 or abs(float(jloss) - tloss) > 1e-4 * max(abs(tloss), 1e-30):
-                raise SystemExit(f"T={t} {kind}: JAX and torch disagree (rel err {err:.2e}, "
-                                 f"loss {float(jloss)} vs {tloss})")
-            for mode, fns in (("forward", {"jax": jf, "torch": tf}), ("step", {"jax": js, "torch": ts})):
-                res = time_interleaved(fns, rounds=args.rounds, block_s=args.block_s)
-                row = {"T": t, "kind": kind, "mode": mode, "jax_ms": round(res["jax"].median_ms, 3),
-                       "torch_ms": round(res["torch"].median_ms, 3),
-                       "ratio": round(res["jax"].median_ms / res["torch"].median_ms, 3)}
-                rows.append(row)
-                print(f"T={t:5d} {kind:9s} {mode:7s} jaxdsc {row['jax_ms']:9.2f} ms  torch "
-                      f"{row['torch_ms']:9.2f} ms  ratio {row['ratio']:.2f}", flush=True)
-    print("\n| T | conv | mode | jaxdsc ms | PyTorch ms | jaxdsc / PyTorch |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['T']} | {r['kind']} | {r['mode']} | {r['jax_ms']} | {r['torch_ms']} | {r['ratio']} |")
+    for case in _cases(args):
+        t, kind = case["T"], case["kind"]
+        x = np.random.default_rng(t).standard_normal((case["batch"], t, case["fin"])).astype(np.float32)
+        model, twin = _models(case)
+        jf, js, jy, jloss = _jax_fns(model, x, lr)
+        tf, ts, ty, tloss = _torch_fns(twin, x, lr)
+        err = float(np.abs(np.asarray(jy) - ty).max() / max(np.abs(ty).max(), 1e-30))
+        if err > 1e-4 or abs(float(jloss) - tloss) > 1e-4 * max(abs(tloss), 1e-30):
+            raise SystemExit(f"T={t} {kind}: JAX and torch disagree (rel err {err:.2e}, "
+                             f"loss {float(jloss)} vs {tloss})")
+        modes = (("step", {"jax": js, "torch": ts}),) if case["label"] else (
+            ("forward", {"jax": jf, "torch": tf}), ("step", {"jax": js, "torch": ts}))
+        for mode, fns in modes:
+            res = time_interleaved(fns, rounds=args.rounds, block_s=args.block_s)
+            jms, tms = res["jax"].median_ms, res["torch"].median_ms
+            row = {"T": t, "kind": kind, "mode": mode, "jax_ms": round(jms, 3), "torch_ms": round(tms, 3),
+                   "ratio": round(jms / tms, 3)}
+            if case["label"]:
+                row.update(preset=case["label"], batch=case["batch"],
+                           params=sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param))),
+                           jax_seq_per_s=round(1e3 * case["batch"] / jms, 1),
+                           torch_seq_per_s=round(1e3 * case["batch"] / tms, 1))
+            rows.append(row)
+            print(f"T={t:5d} {case['label'] or kind:22s} {mode:7s} jaxdsc {row['jax_ms']:9.2f} ms  torch "
+                  f"{row['torch_ms']:9.2f} ms  ratio {row['ratio']:.2f}", flush=True)
+    if args.presets:
+        print("\n| preset | convs | params | T | batch | jaxdsc seq/s | PyTorch seq/s | jaxdsc / PyTorch time |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['preset']} | {r['kind']} | {r['params']:,} | {r['T']} | {r['batch']} | {r['jax_seq_per_s']} "
+                  f"| {r['torch_seq_per_s']} | {r['ratio']} |")
+    else:
+        print("\n| T | conv | mode | jaxdsc ms | PyTorch ms | jaxdsc / PyTorch |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['T']} | {r['kind']} | {r['mode']} | {r['jax_ms']} | {r['torch_ms']} | {r['ratio']} |")
     if args.json:
         write_results(args.json, args, rows)
     return 0

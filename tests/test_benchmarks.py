@@ -157,3 +157,64 @@ def test_summarize_cifar_tabulates_seeds_and_their_mean(tmp_path):
     assert "**91.00%** (90.00%)" in mean
     assert "not reached" in mean  # seed 2 never reached 90%: no mean time to 90%
     assert lines[5].count("| - |") >= 1 and "250" in lines[5]  # a 1-epoch torch run: speed only
+
+
+def test_summarize_seq_table_against_the_paper(tmp_path):
+    """Separable and dense workdirs of one task -> rows in task order, paper figures, PyTorch speed joined."""
+    def workdir(name, task, separable, params, metric, records, best=None):
+        w = tmp_path / name
+        w.mkdir()
+        (w / "config.json").write_text(json.dumps({"model": {"separable": separable, "channels": [8] * 4,
+                                                             "kernel_size": 3}}))
+        (w / "summary.json").write_text(json.dumps({
+            "task": task, "metric": "nll" if task.startswith("music") else "mse", "test_metric": metric,
+            "best_epoch": best, "params": params, "train_seconds": 600.0, "sequences_per_second": 50.0,
+            "epochs": len(records)}))
+        (w / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "test_loss": v,
+                                                             "train_seconds": 300.0 * (i + 1)}) + "\n"
+                                                 for i, v in enumerate(records)))
+        return str(w)
+
+    runs = [workdir("jsb", "music-jsb", True, 270000, 8.0, [9.0, 8.05], best=2),
+            workdir("add-dense", "adding", False, 70000, 1e-3, [0.1, 1e-3]),
+            workdir("add", "adding", True, 65000, 4e-5, [0.1, 4e-5])]
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({"rows": [
+        {"preset": "adding", "params": 65000, "jax_seq_per_s": 200.0, "torch_seq_per_s": 100.0},
+        {"preset": "adding-dense", "params": 1, "jax_seq_per_s": 200.0, "torch_seq_per_s": 100.0}]}))
+    out = _run([sys.executable, str(BENCH / "summarize_seq.py"), *runs, "--speed", str(speed)]).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")][1:]  # after the header
+    assert [ln.split(" | ")[1].split()[0] for ln in lines] == ["separable", "dense", "separable"]
+    assert lines[0].startswith("| adding (mse)") and "**4.00e-05**" in lines[0]  # beats the paper's 5.8e-5
+    assert "| 10.0 min |" in lines[0] and "100 (jaxdsc 200)" in lines[0]
+    assert "| 1.00e-03 |" in lines[1] and lines[1].endswith("| - | 50 | - |")  # never matched; other params
+    assert lines[2].startswith("| music-jsb (nll)") and "**8.00**" in lines[2] and "| 8.10 |" in lines[2] and "| 2 (2) |" in lines[2]
+
+
+def test_summarize_seq_refuses_an_image_workdir(tmp_path):
+    w = tmp_path / "c10"
+    w.mkdir()
+    (w / "summary.json").write_text(json.dumps({"task": "cifar10"}))
+    (w / "config.json").write_text("{}")
+    r = subprocess.run([sys.executable, str(BENCH / "summarize_seq.py"), str(w)], capture_output=True, text=True)
+    assert r.returncode == 2 and "task 'cifar10' is not a sequence task" in r.stderr
+
+
+def test_summarize_seq_tabulates_a_stopped_run_from_its_last_epoch(tmp_path):
+    """No summary.json (stopped by hand): the row comes from metrics.jsonl, params from the config's model."""
+    w = tmp_path / "copy-stopped"
+    w.mkdir()
+    (w / "config.json").write_text(json.dumps({
+        "data": {"task": "copy"}, "optim": {"epochs": 25},
+        "model": {"separable": True, "channels": [4, 4], "kernel_size": 3, "gated": False}}))
+    (w / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "test_loss": v, "train_seconds": 60.0 * e, "sequences_per_second": 100.0}) + "\n"
+        for e, v in ((1, 0.03), (2, 0.0204))))
+    out = _run([sys.executable, str(BENCH / "summarize_seq.py"), str(w)]).stdout
+    row = [ln for ln in out.splitlines() if ln.startswith("| copy")]
+    # TCN(1, 10, [4, 4], k=3, separable): level 1 dw 1x3+1, pw 1x4+4, dw 4x3+4, pw 4x4+4, downsample 1x4+4;
+    # level 2 twice (dw 4x3+4, pw 4x4+4); linear 4x10+10; weight-norm gains, one per output of each
+    # weight-normed kernel: 1+4+4+4 and 4*4
+    params = (4 + 8) + (16 + 20) + 8 + 2 * (16 + 20) + 50 + 13 + 16
+    assert len(row) == 1 and f"| {params:,} (16K) |" in row[0]
+    assert "| 0.0204 |" in row[0] and "2 (stopped after epoch 2 of 25) | 2.0 |" in row[0]
