@@ -347,7 +347,7 @@ PRESETS: dict[str, Config] = {
          # lr 4e-3 as locuslab's add_test.py (2e-3 left the separable model on the 1/6 plateau for 3 epochs)
          dict(dropout=0.0, lr=4e-3, grad_clip=1.0, epochs=6, batch_size=32, train_limit=50000, test_limit=1000)),
         ("copy", 8, [24] * 8, [10] * 8,
-         dict(dropout=0.05, lr=5e-4, grad_clip=1.0, epochs=25, batch_size=32, train_limit=10000, test_limit=1000)),
+         dict(dropout=0.05, lr=5e-4, grad_clip=1.0, epochs=20, batch_size=32, train_limit=10000, test_limit=1000)),
         ("music-jsb", 3, [256, 256], [150, 150],
          dict(dropout=0.5, lr=1e-3, grad_clip=0.4, epochs=100, batch_size=8)),
         ("music-nottingham", 6, [320] * 4, [150] * 4,
