@@ -22,19 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from summarize_cifar import _read_jsonl  # this directory: the scripts run as files
+
 # Bai, Kolter, Koltun 2018, Table 1: (TCN metric, LSTM metric, TCN parameters). Lower is better on all four.
 PAPER = {"adding": (5.8e-5, 0.164, 70_000), "copy": (3.5e-5, 0.0204, 16_000),
          "music-jsb": (8.10, 8.45, 300_000), "music-nottingham": (3.07, 3.29, 1_000_000)}
 ORDER = list(PAPER)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-METRIC = {"adding": "mse", "copy": "cross_entropy", "music-jsb": "nll", "music-nottingham": "nll"}
 
 
 def _count_params(config: dict[str, Any]) -> int:
@@ -52,9 +45,11 @@ def _count_params(config: dict[str, Any]) -> int:
 
 def _stopped_summary(config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """What summary.json would say for a run stopped after its last logged epoch (no summary written)."""
+    from train.seq_metrics import METRICS
+
     task, last = config["data"]["task"], records[-1]
     best = min(records, key=lambda r: r["valid_loss"]) if "valid_loss" in last else None
-    return {"task": task, "metric": METRIC.get(task), "test_metric": (best or last)["test_loss"],
+    return {"task": task, "metric": METRICS.get(task), "test_metric": (best or last)["test_loss"],
             "best_epoch": best["epoch"] if best else None, "params": _count_params(config),
             "train_seconds": last["train_seconds"], "sequences_per_second": last["sequences_per_second"],
             "epochs": last["epoch"], "stopped": f"stopped after epoch {last['epoch']} of {config['optim']['epochs']}"}
@@ -71,7 +66,7 @@ def load(workdir: Path) -> dict[str, Any]:
         raise ValueError(f"{workdir}: no summary.json and no epoch in metrics.jsonl")
     if summary.get("task") not in PAPER:
         raise ValueError(f"{workdir}: task {summary.get('task')!r} is not a sequence task of {ORDER}")
-    return {"summary": summary, "config": config, "records": records, "name": workdir.name}
+    return {"summary": summary, "config": config, "records": records}
 
 
 def _fmt(v: float) -> str:
