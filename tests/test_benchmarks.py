@@ -81,7 +81,9 @@ def test_train_step_benchmark_matches_pytorch(tmp_path: Path) -> None:
     out_json = tmp_path / "train_step.json"
     _run([sys.executable, str(BENCH / "train_step.py"), "--width", "8", "--depth", "1",
           "--batch-size", "16", "--rounds", "1", "--block-s", "0.01", "--check-steps", "2",
-          "--json", str(out_json)])
+          # One torch thread (the suite's setting, see conftest): two spin-waiting OpenMP threads on a
+          # busy 2-core machine stall; a small eval batch: the smoke test times nothing it asserts.
+          "--threads", "1", "--eval-batch", "64", "--json", str(out_json)])
     results = json.loads(out_json.read_text())
     (cfg,) = results["configs"]
     # The benchmark's own check: same losses and parameters as the PyTorch loop
