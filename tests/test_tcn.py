@@ -30,6 +30,7 @@ CONFIGS = {
     "separable-gated": dict(separable=True, gated=True),
     "dense-gated-nown": dict(separable=False, gated=True, weight_norm=False),
     "separable-nown": dict(separable=True, weight_norm=False),
+    "separable-stem": dict(separable=True, dense_stem=True),
 }
 
 
@@ -56,8 +57,9 @@ def x_input(n: int = 2, t: int = 40, seed: int = 1) -> np.ndarray:
 @pytest.mark.parametrize("separable", [True, False], ids=["separable", "dense"])
 def test_init_is_what_locuslab_effectively_runs(separable):
     """Convs: PyTorch's default U(+-1/sqrt(fan_in)) kernels and biases (locuslab's N(0, 0.01) draw is undone
-    by weight_norm's hook, locuslab/TCN#1), g = ||v||; downsample and linear weights N(0, 0.01); the same
-    in the PyTorch twin. Sizes give each kernel >= 96 draws, so max|w| > 0.8 b fails with p < 1e-9."""
+    by weight_norm's hook, locuslab/TCN#1), g = ||v||; depthwise kernels sqrt(3)x that (variance 1/fan_in,
+    so a separable conv keeps a dense conv's output scale); downsample and linear weights N(0, 0.01); the
+    same in the PyTorch twin. Sizes give each kernel >= 96 draws, so max|w| > 0.8 b fails with p < 1e-9."""
     m = TCN(32, 3, [48, 64], kernel_size=3, separable=separable, rngs=nnx.Rngs(0))
     params = nnx.to_flat_state(nnx.state(m, nnx.Param))
     seen = set()
@@ -66,6 +68,7 @@ def test_init_is_what_locuslab_effectively_runs(separable):
         layer = name.rsplit("/", 1)[0]
         if "conv" in name and name.endswith("kernel"):
             b = 1 / np.sqrt(np.prod(v.shape[:-1]))  # fan-in: taps x inputs of one output
+            b *= np.sqrt(3) if "depthwise" in name else 1  # the separable conv keeps the dense one's scale
             assert 0.8 * b < np.abs(v).max() <= b, name
             g = np.asarray(dict(params)[(*path[:-1], "gain")][...])
             np.testing.assert_allclose(g, np.sqrt((v**2).sum(axis=tuple(range(v.ndim - 1)), keepdims=True)),
@@ -80,8 +83,10 @@ def test_init_is_what_locuslab_effectively_runs(separable):
     twin = tnn.TCN(32, 3, [48, 64], kernel_size=3, separable=separable)
     for name, w in twin.named_parameters():
         if name.endswith("original1"):  # v of a weight-normed conv, (out, in / groups, k)
-            b = 1 / np.sqrt(w.shape[1] * w.shape[2])
-            assert 0.8 * b < w.abs().max().item() <= b, name
+            b = 1 / np.sqrt(w.shape[1] * w.shape[2]) * (np.sqrt(3) if "depthwise" in name else 1)
+            assert 0.8 * b < w.abs().max().item() <= b * (1 + 1e-6), name
+            g = twin.get_parameter(name.replace("original1", "original0"))
+            torch.testing.assert_close(g, torch.linalg.vector_norm(w, dim=(1, 2), keepdim=True))
         elif name.endswith("weight") and ("downsample" in name or "linear" in name):
             assert 0.007 < w.std().item() < 0.013, name
     assert twin.linear.bias.abs().max().item() > 0  # PyTorch's default bias, not zeros
@@ -95,7 +100,7 @@ def test_registry_and_shapes():
 
 
 @pytest.mark.parametrize("bad", [dict(channels=()), dict(channels=[4, 0]), dict(dropout=1.0),
-                                 dict(kernel_size=0), dict(separable="yes")])
+                                 dict(kernel_size=0), dict(separable="yes"), dict(dense_stem=1)])
 def test_bad_arguments(bad):
     kw = dict(in_features=2, out_features=3, channels=[4]) | bad
     with pytest.raises((ValueError, TypeError)):
@@ -131,7 +136,19 @@ def test_parity_and_grads(name):
         assert_close(g_torch[k], gt, 1e-4, f"{name} grad {k}")
 
 
-@pytest.mark.parametrize("name", ["separable", "dense-gated-nown"])
+def test_dense_stem_makes_only_the_first_conv_dense():
+    m = make(dense_stem=True)
+    convs = [c for b in m.blocks for c in (b.conv1, b.conv2)]
+    assert [c.conv is not None for c in convs] == [True] + [False] * (len(convs) - 1)
+    assert m.blocks[0].conv1.conv.kernel.shape == (3, 2, 6)  # (k, in, out): dense on the 2 inputs
+    plain = make()
+    n = sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    dense = 3 * 2 * 6 + 6 + 6  # kernel, bias, gain
+    separable = (3 * 2 + 2 + 2) + (2 * 6 + 6 + 6)  # depthwise, pointwise
+    assert n - sum(p.size for p in jax.tree.leaves(nnx.state(plain, nnx.Param))) == dense - separable
+
+
+@pytest.mark.parametrize("name", ["separable", "dense-gated-nown", "separable-stem"])
 def test_round_trips_bit_exact(name, tmp_path):
     m = make(seed=3, **CONFIGS[name])
     state = torch_state_dict(m)
@@ -182,7 +199,7 @@ def test_dropout_train_and_eval():
     assert_close(y0, to_nhwc(twin(torch.from_numpy(to_nchw(np.asarray(x)))).detach().numpy()), RTOL32)
 
 
-@pytest.mark.parametrize("name", ["separable", "dense", "separable-gated"])
+@pytest.mark.parametrize("name", ["separable", "dense", "separable-gated", "separable-stem"])
 def test_streaming_equals_full_forward(name):
     """step() from init_cache() reproduces the causal forward one time step at a time, jitted.
 

@@ -9,6 +9,7 @@ Weight norm is PyTorch's own ``torch.nn.utils.parametrizations.weight_norm``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,8 @@ from torch_bridge.nn import Conv, DepthwiseConv, PointwiseConv
 # As jaxdsc.models.tcn: convs keep PyTorch's default init (what locuslab/TCN effectively runs, its
 # N(0, 0.01) draw being overwritten by weight_norm's hook); the downsample and linear weights N(0, 0.01).
 _LINEAR_STD = 0.01
+# The depthwise kernels: PyTorch's default scaled by sqrt(3) (jaxdsc.models.tcn.DEPTHWISE_INIT_GAIN says why).
+_DEPTHWISE_INIT_GAIN = math.sqrt(3.0)
 
 
 def _weight_norm_(module: nn.Module) -> None:
@@ -70,6 +73,12 @@ class CausalConv(nn.Module):
             dw_cls = WeightNormDepthwiseConv if weight_norm else DepthwiseConv
             pw_cls = WeightNormPointwiseConv if weight_norm else PointwiseConv
             self.depthwise = dw_cls(in_channels, k, padding="CAUSAL", dilation=d)
+            with torch.no_grad():  # g and v both: the weight scales by the gain, g = ||v|| still holds
+                weights = ([self.depthwise.parametrizations.weight.original0,
+                            self.depthwise.parametrizations.weight.original1] if weight_norm
+                           else [self.depthwise.weight])
+                for w in weights:
+                    w.mul_(_DEPTHWISE_INIT_GAIN)
             self.pointwise = pw_cls(in_channels, out_channels, num_spatial_dims=1)
             self.conv = None
         else:
@@ -87,18 +96,19 @@ class TemporalBlock(nn.Module):
     """Twin of ``jaxdsc.models.TemporalBlock`` (dropout is ``F.dropout``, active in train mode)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int,
-                 separable: bool = True, weight_norm: bool = True, gated: bool = False,
-                 dropout: float = 0.0):
+                 separable: bool = True, dense_conv1: bool = False, weight_norm: bool = True,
+                 gated: bool = False, dropout: float = 0.0):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.dilation = kernel_size, dilation
         self.separable, self.weight_norm = separable, weight_norm
+        self.dense_conv1 = _checks.boolean("dense_conv1", dense_conv1)
         self.gated = _checks.boolean("gated", gated)
         self.dropout = dropout
         width = 2 * out_channels if gated else out_channels
-        common = dict(dilation=dilation, separable=separable, weight_norm=weight_norm)
-        self.conv1 = CausalConv(in_channels, width, kernel_size, **common)
-        self.conv2 = CausalConv(out_channels, width, kernel_size, **common)
+        common = dict(dilation=dilation, weight_norm=weight_norm)
+        self.conv1 = CausalConv(in_channels, width, kernel_size, separable=separable and not dense_conv1, **common)
+        self.conv2 = CausalConv(out_channels, width, kernel_size, separable=separable, **common)
         self.downsample = None
         if in_channels != out_channels:
             self.downsample = PointwiseConv(in_channels, out_channels, num_spatial_dims=1)
@@ -126,6 +136,7 @@ class TCN(nn.Module):
         *,
         kernel_size: int = 2,
         separable: bool = True,
+        dense_stem: bool = False,
         dropout: float = 0.0,
         weight_norm: bool = True,
         gated: bool = False,
@@ -138,6 +149,7 @@ class TCN(nn.Module):
         self.channels = tuple(_checks.positive_int(f"channels[{i}]", c) for i, c in enumerate(channels))
         self.kernel_size = _checks.positive_int("kernel_size", kernel_size)
         self.separable = _checks.boolean("separable", separable)
+        self.dense_stem = _checks.boolean("dense_stem", dense_stem)
         self.weight_norm = _checks.boolean("weight_norm", weight_norm)
         self.gated = _checks.boolean("gated", gated)
         self.dropout = _checks.number("dropout", dropout, low=0.0, high=1.0)
@@ -146,7 +158,8 @@ class TCN(nn.Module):
         widths = (self.in_channels, *self.channels)
         self.blocks = nn.ModuleList([
             TemporalBlock(widths[i], widths[i + 1], self.kernel_size, dilation=2**i, separable=separable,
-                          weight_norm=weight_norm, gated=gated, dropout=self.dropout)
+                          dense_conv1=self.dense_stem and i == 0, weight_norm=weight_norm, gated=gated,
+                          dropout=self.dropout)
             for i in range(len(self.channels))
         ])
         self.linear = nn.Linear(self.channels[-1], self.out_channels)

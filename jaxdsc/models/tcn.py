@@ -44,10 +44,23 @@ Cache = tuple[tuple[jax.Array, jax.Array], ...]
 # 0.005 with this init.
 _LINEAR_STD = 0.01
 
+# The separable convs have no locuslab counterpart. Their depthwise kernels are drawn with variance 1/fan_in
+# (U(+-sqrt(3/k))), 3x PyTorch's default, so depthwise then pointwise (default init) keeps the output scale of
+# the dense conv it replaces (variance x 1/3 for either); with both at PyTorch's default each separable conv
+# shrinks it 3x more. On the copy task (T=1000) that scale cost 30x in the gradient reaching the first inputs
+# from the last outputs at init, and the separable TCN never left the memoryless 0.0204 plateau.
+DEPTHWISE_INIT_GAIN = math.sqrt(3.0)
+
 
 def _torch_default_kernel() -> nnx.Initializer:
     """PyTorch's conv default (kaiming_uniform, a=sqrt(5)): U(-b, b), b = 1/sqrt(fan_in), channels-last."""
     return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1)
+
+
+def _depthwise_kernel() -> nnx.Initializer:
+    """``DEPTHWISE_INIT_GAIN`` x PyTorch's conv default: U(-b, b), b = sqrt(3 / fan_in) (fan_in: the taps)."""
+    return nnx.initializers.variance_scaling(DEPTHWISE_INIT_GAIN**2 / 3.0, "fan_in", "uniform", in_axis=-2,
+                                             out_axis=-1)
 
 
 def _torch_default_bias(fan_in: int) -> nnx.Initializer:
@@ -142,7 +155,8 @@ class CausalConv(nnx.Module):
             dw_cls = WeightNormDepthwiseConv if weight_norm else DepthwiseConv
             pw_cls = WeightNormPointwiseConv if weight_norm else PointwiseConv
             self.depthwise = dw_cls(in_features, k, padding="CAUSAL", kernel_dilation=d, impl=impl,
-                                    bias_init=_torch_default_bias(kernel_size), **common)
+                                    bias_init=_torch_default_bias(kernel_size),
+                                    **(common | dict(kernel_init=_depthwise_kernel())))
             self.pointwise = pw_cls(in_features, out_features, num_spatial_dims=1,
                                     bias_init=_torch_default_bias(in_features), **common)
             self.conv = None
@@ -202,7 +216,8 @@ class TemporalBlock(nnx.Module):
     """``relu(x' + drop(act(conv2(drop(act(conv1(x)))))))``, ``x'`` = ``x`` or its 1x1 conv.
 
     ``act`` is ReLU, or a gated linear unit when ``gated`` (the convs then
-    produce ``2 * out_features`` channels).
+    produce ``2 * out_features`` channels). ``dense_conv1`` makes ``conv1``
+    dense when ``separable`` (a TCN's stem, see :class:`TCN`).
     """
 
     def __init__(
@@ -213,6 +228,7 @@ class TemporalBlock(nnx.Module):
         *,
         dilation: int,
         separable: bool = True,
+        dense_conv1: bool = False,
         weight_norm: bool = True,
         gated: bool = False,
         dropout: float = 0.0,
@@ -223,13 +239,13 @@ class TemporalBlock(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.kernel_size, self.dilation = kernel_size, dilation
         self.separable, self.weight_norm = separable, weight_norm
+        self.dense_conv1 = _checks.boolean("dense_conv1", dense_conv1)
         self.gated = _checks.boolean("gated", gated)
         self.dropout = dropout
         width = 2 * out_features if gated else out_features
-        common = dict(dilation=dilation, separable=separable, weight_norm=weight_norm, impl=impl,
-                      param_dtype=param_dtype, rngs=rngs)
-        self.conv1 = CausalConv(in_features, width, kernel_size, **common)
-        self.conv2 = CausalConv(out_features, width, kernel_size, **common)
+        common = dict(dilation=dilation, weight_norm=weight_norm, impl=impl, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = CausalConv(in_features, width, kernel_size, separable=separable and not dense_conv1, **common)
+        self.conv2 = CausalConv(out_features, width, kernel_size, separable=separable, **common)
         self.downsample = (
             PointwiseConv(in_features, out_features, num_spatial_dims=1, param_dtype=param_dtype,
                           kernel_init=nnx.initializers.normal(_LINEAR_STD),
@@ -268,6 +284,11 @@ class TCN(nnx.Module):
       channels: width of each level; level ``i`` has dilation ``2**i``.
       kernel_size: taps of every causal conv.
       separable: depthwise + pointwise convs (True) or dense convs (the paper's).
+      dense_stem: with ``separable``, the first conv (level 0's ``conv1``, which
+        reads the raw input) dense. A depthwise conv learns one temporal filter
+        per input channel, so on a 1- or 2-channel input (copy, adding) every
+        first-level channel is a multiple of the same one or two filtered
+        signals; the dense conv costs about the same there.
       dropout: rate after every conv's activation, active in train mode when a
         ``key`` is given to ``__call__``.
       weight_norm: weight-normed conv kernels (PyTorch ``weight_norm(dim=0)``).
@@ -285,6 +306,7 @@ class TCN(nnx.Module):
         *,
         kernel_size: int = 2,
         separable: bool = True,
+        dense_stem: bool = False,
         dropout: float = 0.0,
         weight_norm: bool = True,
         gated: bool = False,
@@ -299,6 +321,7 @@ class TCN(nnx.Module):
         self.channels = tuple(_checks.positive_int(f"channels[{i}]", c) for i, c in enumerate(channels))
         self.kernel_size = _checks.positive_int("kernel_size", kernel_size)
         self.separable = _checks.boolean("separable", separable)
+        self.dense_stem = _checks.boolean("dense_stem", dense_stem)
         self.weight_norm = _checks.boolean("weight_norm", weight_norm)
         self.gated = _checks.boolean("gated", gated)
         self.dropout = _checks.number("dropout", dropout, low=0.0, high=1.0)
@@ -309,8 +332,8 @@ class TCN(nnx.Module):
         widths = (self.in_features, *self.channels)
         self.blocks = nnx.List([
             TemporalBlock(widths[i], widths[i + 1], self.kernel_size, dilation=2**i, separable=separable,
-                          weight_norm=weight_norm, gated=gated, dropout=self.dropout, impl=impl,
-                          param_dtype=param_dtype, rngs=rngs)
+                          dense_conv1=self.dense_stem and i == 0, weight_norm=weight_norm, gated=gated,
+                          dropout=self.dropout, impl=impl, param_dtype=param_dtype, rngs=rngs)
             for i in range(len(self.channels))
         ])
         self.linear = nnx.Linear(self.channels[-1], self.out_features, param_dtype=param_dtype,
