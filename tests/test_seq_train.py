@@ -88,7 +88,8 @@ def test_sequence_presets_and_their_dense_references(task):
 
     def params(cfg):
         m = nnx.eval_shape(lambda: TCN(*task_features(task), cfg.model.channels, kernel_size=cfg.model.kernel_size,
-                                       separable=cfg.model.separable, rngs=nnx.Rngs(0)))
+                                       separable=cfg.model.separable, dense_stem=cfg.model.dense_stem,
+                                       rngs=nnx.Rngs(0)))
         return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
 
     n_sep, n_dense = params(sep), params(dense)

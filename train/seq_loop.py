@@ -99,8 +99,9 @@ class SeqTrainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         fin, fout = task_features(self.task)
-        model = TCN(fin, fout, m.channels, kernel_size=m.kernel_size, separable=m.separable, dropout=m.dropout,
-                    gated=m.gated, impl=m.impl, rngs=nnx.Rngs(cfg.run.seed))
+        model = TCN(fin, fout, m.channels, kernel_size=m.kernel_size, separable=m.separable,
+                    dense_stem=m.dense_stem, dropout=m.dropout, gated=m.gated, impl=m.impl,
+                    rngs=nnx.Rngs(cfg.run.seed))
         self.graph, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
