@@ -54,9 +54,9 @@ PRESET_LENGTH = {"adding": 600, "copy": 1020, "music-jsb": 104, "music-nottingha
 
 
 def _case(t: int, kind: str, fin: int, fout: int, channels: list[int], k: int, batch: int,
-          label: str = "") -> dict:
+          label: str = "", dense_stem: bool = False) -> dict:
     return {"T": t, "kind": kind, "fin": fin, "fout": fout, "channels": channels, "k": k, "batch": batch,
-            "label": label}
+            "label": label, "dense_stem": dense_stem}
 
 
 def _cases(args: argparse.Namespace) -> list[dict]:
@@ -75,13 +75,13 @@ def _cases(args: argparse.Namespace) -> list[dict]:
             cfg = PRESETS[label]
             cases.append(_case(PRESET_LENGTH[name], "separable" if cfg.model.separable else "dense",
                                *task_features(cfg.data.task), list(cfg.model.channels), cfg.model.kernel_size,
-                               cfg.optim.batch_size, label))
+                               cfg.optim.batch_size, label, cfg.model.dense_stem))
     return cases
 
 
 def _models(case: dict) -> tuple[TCN, torch.nn.Module]:
     m = TCN(case["fin"], case["fout"], case["channels"], kernel_size=case["k"], separable=case["kind"] == "separable",
-            rngs=nnx.Rngs(0))
+            dense_stem=case["dense_stem"], rngs=nnx.Rngs(0))
     return m, torch_bridge.to_torch(m)
 
 
