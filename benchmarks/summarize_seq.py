@@ -39,7 +39,7 @@ def _count_params(config: dict[str, Any]) -> int:
     m = config["model"]
     model = nnx.eval_shape(lambda: TCN(*task_features(config["data"]["task"]), m["channels"],
                                        kernel_size=m["kernel_size"], separable=m["separable"], gated=m["gated"],
-                                       rngs=nnx.Rngs(0)))
+                                       dense_stem=m.get("dense_stem", False), rngs=nnx.Rngs(0)))
     return sum(p.size for p in nnx.to_flat_state(nnx.state(model, nnx.Param)).leaves)
 
 
@@ -87,6 +87,8 @@ def table(runs: list[dict[str, Any]], speed: list[dict[str, Any]] | None = None)
         s, m = run["summary"], run["config"]["model"]
         tcn, lstm, paper_params = PAPER[s["task"]]
         kind = "separable" if m["separable"] else "dense"
+        extras = (", dense stem" if m["separable"] and m.get("dense_stem") else "") + (
+            f", dropout {m['dropout']:g}" if m.get("dropout") else "")
         preset = s["task"] + ("" if m["separable"] else "-dense")
         sp = by_preset.get(preset)
         same = sp and sp["params"] == s["params"]  # only a timing of this very model counts
@@ -95,7 +97,7 @@ def table(runs: list[dict[str, Any]], speed: list[dict[str, Any]] | None = None)
         best = f" ({s['best_epoch']})" if s.get("best_epoch") else ""
         metric = f"**{_fmt(s['test_metric'])}**" if s["test_metric"] <= tcn else _fmt(s["test_metric"])
         lines.append(
-            f"| {s['task']} ({s['metric']}) | {kind} {m['channels'][0]} x {len(m['channels'])}, k{m['kernel_size']} | "
+            f"| {s['task']} ({s['metric']}) | {kind} {m['channels'][0]} x {len(m['channels'])}, k{m['kernel_size']}{extras} | "
             f"{s['params']:,} ({paper_params // 1000}K) | {metric} | {_fmt(tcn)} | {_fmt(lstm)} | "
             f"{s['epochs']:g}{best}{' (' + s['stopped'] + ')' if s.get('stopped') else ''} | "
             f"{s['train_seconds'] / 60:.1f} | "

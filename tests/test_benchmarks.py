@@ -220,3 +220,12 @@ def test_summarize_seq_tabulates_a_stopped_run_from_its_last_epoch(tmp_path):
     params = (4 + 8) + (16 + 20) + 8 + 2 * (16 + 20) + 50 + 13 + 16
     assert len(row) == 1 and f"| {params:,} (16K) |" in row[0]
     assert "| 0.0204 |" in row[0] and "2 (stopped after epoch 2 of 25) | 2.0 |" in row[0]
+    # the same run with the copy preset's dense stem and dropout: level 1's conv1 is dense (1x3x4 + 4 + 4 gains)
+    config = json.loads((w / "config.json").read_text())
+    config["model"] |= {"dense_stem": True, "dropout": 0.05}
+    (w / "config.json").write_text(json.dumps(config))
+    row = [ln for ln in _run([sys.executable, str(BENCH / "summarize_seq.py"), str(w)]).stdout.splitlines()
+           if ln.startswith("| copy")]
+    stem = params - (4 + 8) - (1 + 4) + (12 + 4 + 4)
+    assert len(row) == 1 and f"| {stem:,} (16K) |" in row[0]
+    assert "| separable 4 x 2, k3, dense stem, dropout 0.05 |" in row[0]
