@@ -6,6 +6,7 @@ metrics.jsonl, resume, --export-torch) rather than accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -65,6 +66,14 @@ def test_task_model_mismatch_is_a_usage_error(capsys):
     assert "--model tcn" in capsys.readouterr().err
 
 
+def test_dense_stem_is_for_the_tcn_only():
+    from train.config import PRESETS, ConfigError, validate
+
+    cfg = PRESETS["tiny"]
+    with pytest.raises(ConfigError, match="--dense-stem is for --model tcn, got --model dscnet"):
+        validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dense_stem=True)))
+
+
 PAPER_PARAMS = {"adding": 70_000, "copy": 16_000, "music-jsb": 300_000, "music-nottingham": 1_000_000}
 
 
@@ -72,7 +81,6 @@ PAPER_PARAMS = {"adding": 70_000, "copy": 16_000, "music-jsb": 300_000, "music-n
 def test_sequence_presets_and_their_dense_references(task):
     """Each task preset is a separable TCN within the paper's parameter count (issue 17); its "-dense"
     preset is the same run (data, optimiser, schedule) with dense convs of about the same size."""
-    import dataclasses
 
     from flax import nnx
 
