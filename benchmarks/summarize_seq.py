@@ -33,13 +33,12 @@ ORDER = list(PAPER)
 def _count_params(config: dict[str, Any]) -> int:
     from flax import nnx
 
-    from jaxdsc.models import TCN
-    from train.seq_loop import task_features
+    from train.config import ModelConfig
+    from train.seq_loop import build_tcn
 
-    m = config["model"]
-    model = nnx.eval_shape(lambda: TCN(*task_features(config["data"]["task"]), m["channels"],
-                                       kernel_size=m["kernel_size"], separable=m["separable"], gated=m["gated"],
-                                       dense_stem=m.get("dense_stem", False), rngs=nnx.Rngs(0)))
+    # Fields a config.json lacks (older runs) keep ModelConfig's defaults.
+    m = ModelConfig(**config["model"])
+    model = nnx.eval_shape(lambda: build_tcn(config["data"]["task"], m, rngs=nnx.Rngs(0)))
     return sum(p.size for p in nnx.to_flat_state(nnx.state(model, nnx.Param)).leaves)
 
 

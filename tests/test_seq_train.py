@@ -81,12 +81,10 @@ PAPER_PARAMS = {"adding": 70_000, "copy": 16_000, "music-jsb": 300_000, "music-n
 def test_sequence_presets_and_their_dense_references(task):
     """Each task preset is a separable TCN within the paper's parameter count (issue 17); its "-dense"
     preset is the same run (data, optimiser, schedule) with dense convs of about the same size."""
-
     from flax import nnx
 
-    from jaxdsc.models import TCN
     from train.config import PRESETS, validate
-    from train.seq_loop import task_features
+    from train.seq_loop import build_tcn
 
     sep, dense = validate(PRESETS[task]), validate(PRESETS[task + "-dense"])
     assert sep.data.task == dense.data.task == task
@@ -95,9 +93,7 @@ def test_sequence_presets_and_their_dense_references(task):
     assert dataclasses.replace(dense.model, separable=True, channels=sep.model.channels) == sep.model
 
     def params(cfg):
-        m = nnx.eval_shape(lambda: TCN(*task_features(task), cfg.model.channels, kernel_size=cfg.model.kernel_size,
-                                       separable=cfg.model.separable, dense_stem=cfg.model.dense_stem,
-                                       rngs=nnx.Rngs(0)))
+        m = nnx.eval_shape(lambda: build_tcn(task, cfg.model, rngs=nnx.Rngs(0)))
         return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
 
     n_sep, n_dense = params(sep), params(dense)

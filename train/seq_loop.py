@@ -37,7 +37,7 @@ from flax import nnx
 from jaxdsc.models import TCN
 from train import malloc, seq_data, seq_metrics, steps
 from train.checkpointing import Checkpointer
-from train.config import Config, validate
+from train.config import Config, ModelConfig, validate
 from train.feed import epoch_order
 from train.loop import TrainingError, _signal_exit, _Signals
 from train.optim import make_optimizer
@@ -58,6 +58,13 @@ def _bucket(n: int) -> int:
 def task_features(task: str) -> tuple[int, int]:
     """(input, output) features per time step of a sequence task's model."""
     return {"adding": (2, 1), "copy": (1, 10)}.get(task, (seq_data.KEYS, seq_data.KEYS))
+
+
+def build_tcn(task: str, m: ModelConfig, *, rngs: nnx.Rngs) -> TCN:
+    """The TCN a ``--model tcn`` config describes, with ``task``'s input and output widths."""
+    fin, fout = task_features(task)
+    return TCN(fin, fout, m.channels, kernel_size=m.kernel_size, separable=m.separable, dense_stem=m.dense_stem,
+               dropout=m.dropout, gated=m.gated, impl=m.impl, rngs=rngs)
 
 
 def _loss(task: str, out: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -98,10 +105,7 @@ class SeqTrainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_text(self.workdir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-        fin, fout = task_features(self.task)
-        model = TCN(fin, fout, m.channels, kernel_size=m.kernel_size, separable=m.separable,
-                    dense_stem=m.dense_stem, dropout=m.dropout, gated=m.gated, impl=m.impl,
-                    rngs=nnx.Rngs(cfg.run.seed))
+        model = build_tcn(self.task, m, rngs=nnx.Rngs(cfg.run.seed))
         self.graph, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
