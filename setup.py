@@ -65,6 +65,7 @@ dwconv = Extension(
         "csrc/dwconv_drivers.inc",
         "csrc/pwconv_kernels.inc",
         "csrc/pwconv_ffi.inc",
+        "csrc/dense_ffi.inc",
         "csrc/bn_kernels.inc",
         "csrc/bn_ffi.inc",
         "csrc/sepconv_ffi.inc",

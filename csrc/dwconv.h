@@ -41,6 +41,19 @@ struct Tap {
   int64_t hi;
 };
 
+// Dense (groups=1) conv as the pointwise GEMM over an implicit im2col matrix
+// (dense_ffi.inc): row r of A is output pixel r's receptive field, taps in
+// (kd, kh, kw) order, C values each, zeros where a tap falls in the padding.
+// Rows are gathered into the GEMM's staging buffers a chunk at a time, so the
+// im2col matrix never exists in memory.
+struct ConvGather {
+  const void* x;   // (N, D, H, W, C), float32 or bfloat16 (PwGeom::bf16)
+  int64_t c;       // input channels
+  int64_t in[3], out[3], k[3], s[3], d[3];
+  int64_t p[3];    // low-side padding (may be negative: cropping)
+  int64_t size;    // elements of x (reads stay below)
+};
+
 // Pointwise (1x1) conv as a GEMM: y[M, N] = x[M, K] . w[K, N] (see
 // pwconv_kernels.inc). pw_plan fills the tile fields for the table's ISA.
 struct PwGeom {
@@ -53,6 +66,7 @@ struct PwGeom {
   int64_t npad;     // n rounded up to nr
   int64_t kpad;     // k rounded up to mr (weight gradient: k is the tile's row axis)
   int64_t mc;       // weight gradient: rows of x / gy packed per chunk
+  const ConvGather* conv;  // non-null: A (x) is this conv's im2col matrix, K = taps * C
 };
 
 // Row-range kernels of one instruction set. Rows are linear indices of the

@@ -2,7 +2,7 @@
 // threading. Python (jaxdsc/ops/native.py) loads this library with ctypes and
 // registers the four `jaxdsc_dw_*` symbols with jax.ffi.register_ffi_target.
 //
-// Pointwise (1x1) GEMM targets jaxdsc_pw_*: see pwconv_ffi.inc.
+// Pointwise (1x1) GEMM targets jaxdsc_pw_*: see pwconv_ffi.inc; dense conv jaxdsc_dc_*: dense_ffi.inc.
 // Targets: jaxdsc_dw_forward (x, w -> y), jaxdsc_dw_grad_input (g, w -> dx),
 // jaxdsc_dw_grad_kernel (x, g -> dw), jaxdsc_dw_grad_both (x, g, w -> dx, dw).
 // Tensor layouts (always 5-D / 4-D; Python inserts unit dims for rank 1-2):
@@ -295,6 +295,7 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
 }
 
 #include "pwconv_ffi.inc"
+#include "dense_ffi.inc"
 #include "sepconv_ffi.inc"
 #include "bn_ffi.inc"
 
@@ -319,6 +320,8 @@ JAXDSC_FFI_TARGET(jaxdsc_pw_forward, jaxdsc_dw::PwForward, jaxdsc_dw::kNoAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_pw_grad_input, jaxdsc_dw::PwGradInput, jaxdsc_dw::kNoAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_pw_grad_kernel, jaxdsc_dw::PwGradKernel, jaxdsc_dw::kNoAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_pw_grad_all, jaxdsc_dw::PwGradAll, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_dc_forward, jaxdsc_dw::DcForward, jaxdsc_dw::kGeomAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_dc_grad_kernel, jaxdsc_dw::DcGradKernel, jaxdsc_dw::kGeomAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_sep_forward, jaxdsc_dw::SepForward, jaxdsc_dw::kGeomAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_bn_forward, jaxdsc_dw::BnForward, jaxdsc_dw::kBnAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_bn_backward, jaxdsc_dw::BnBackward, jaxdsc_dw::kBnAttrs);

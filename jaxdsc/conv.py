@@ -330,9 +330,9 @@ class Conv(nnx.Module):
     """A plain (dense, ``groups=1``) convolution with the same padding rules, e.g. a stem.
 
     ``impl``: ``"auto"``, ``"xla"`` (``lax.conv_general_dilated``, the
-    reference) or ``"patches"`` (im2col + one GEMM; what ``"auto"`` picks on
-    CPU for inputs of at most 7 channels, 3-4x faster there), see
-    :mod:`jaxdsc.ops.dense`; or a key of :data:`jaxdsc.ops.IMPL_TABLE`.
+    reference), ``"native"`` (the native GEMM over implicit im2col rows; what
+    ``"auto"`` picks on CPU) or ``"patches"`` (im2col in memory + one GEMM),
+    see :mod:`jaxdsc.ops.dense`; or a key of :data:`jaxdsc.ops.IMPL_TABLE`.
 
     Shapes: ``(N, *spatial, in) -> (N, *out_spatial, out)``; kernel
     ``(*kernel_size, in, out)``.

@@ -1,16 +1,21 @@
-"""Dense conv implementations (``jaxdsc.ops.dense``): ``"patches"`` (im2col + GEMM) against
-``"xla"`` (``lax.conv_general_dilated``), values and gradients (issue 5).
+"""Dense conv implementations (``jaxdsc.ops.dense``): ``"native"`` (implicit-im2col GEMM,
+issues 15/17) and ``"patches"`` (im2col + GEMM, issue 5) against ``"xla"``
+(``lax.conv_general_dilated``) and float64, values and gradients.
 
 Configurations come from hypothesis (ranks 1-3, kernel sizes, strides, dilations,
-asymmetric and negative padding, 1-9 input channels) plus fixed cases (the
-CIFAR stem, a 1x1 kernel). Tolerances, relative to the largest reference
-magnitude:
+asymmetric and negative padding, 1-9 input channels; causal dilated 1-D convs
+with up to 70 channels) plus fixed cases (the CIFAR and xception stems, a 1x1
+kernel, several GEMM panels and K blocks, rows split over tasks). Tolerances,
+relative to the largest reference magnitude:
 
-* float64 (x64 enabled): 1e-10. Both paths sum the same products in a
-  different order; the float64 GEMM and conv agree to ~1e-15.
-* float32: 1e-5. Each output sums prod(kernel_size) * C_in <= 243 products
-  (the weight gradient N * out_spatial of them) in some order; observed below 1e-6.
-* bfloat16: 1e-2; both accumulate in float32 and round once to bfloat16 (2**-8).
+* float64 (x64 enabled, ``"patches"``): 1e-10. Both paths sum the same products
+  in a different order; the float64 GEMM and conv agree to ~1e-15.
+* float32: 1e-5, against ``"xla"`` and against the float64 reference of the same
+  float32 inputs. Each output sums prod(kernel_size) * C_in <= 630 products
+  (the weight gradient N * out_spatial <= 8192 of them) in some order, each
+  rounding contributing at most 6e-8 of the running sum; observed below 1e-6.
+  A wrong tap, offset, padding value or channel order gives errors of order 1.
+* bfloat16: 1e-2; all paths accumulate in float32 and round once to bfloat16 (2**-8).
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import x64_enabled
+from conftest import ISAS, native_isa, x64_enabled
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxdsc
+from jaxdsc.ops import native_dense
 from jaxdsc.ops.dense import DENSE_IMPLS, PATCHES_MAX_IN, dense_conv, select_dense_impl
+
+F64_IMPLS = ("xla", "patches")  # the native kernels are float32 / bfloat16 only
 
 PROPS = settings(max_examples=25, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -52,9 +60,9 @@ def conv_configs(draw):
     return (n, *spatial, c_in), ks, strides, dil, pads, c_out
 
 
-def _both(x, w, strides, dil, pads, fn):
+def _each(x, w, strides, dil, pads, fn, impls=DENSE_IMPLS):
     return [fn(lambda x, w, impl=impl: dense_conv(x, w, strides=strides, padding=pads, dilation=dil,
-                                                  impl=impl), x, w) for impl in DENSE_IMPLS]
+                                                  impl=impl), x, w) for impl in impls]
 
 
 def _value_and_grads(f, x, w):
@@ -71,8 +79,8 @@ def test_patches_match_xla_float64(cfg):
     with x64_enabled():
         x = jnp.asarray(rng.normal(size=shape))
         w = jnp.asarray(rng.normal(size=(*ks, shape[-1], c_out)))
-        xla, patches = _both(x, w, strides, dil, pads, lambda f, x, w: jax.jit(
-            lambda x, w: _value_and_grads(f, x, w))(x, w))
+        xla, patches = _each(x, w, strides, dil, pads, lambda f, x, w: jax.jit(
+            lambda x, w: _value_and_grads(f, x, w))(x, w), F64_IMPLS)
         for name, a, b in zip(("y", "dx", "dw"), patches, xla, strict=True):
             assert _rel_err(a, b) < 1e-10, name
 
@@ -82,24 +90,104 @@ def test_patches_match_xla_float64(cfg):
     ((2, 9, 8, 5), (3, 3), (2, 1), (2, 1), ((2, 2), (0, 1)), 16),
     ((2, 7, 4), (1,), (1,), (1,), ((0, 0),), 5),
     ((1, 5, 6, 7, 2), (2, 3, 2), (1, 2, 1), (1, 1, 2), ((1, 0), (1, 1), (0, 2)), 9),
+    ((2, 23, 21, 3), (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), 32),  # xception's first stem conv
+    ((2, 12, 11, 70), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 130),  # K = 630: K blocks, 3 panels
+    ((2, 40, 64), (3,), (1,), (16,), ((32, 0),), 64),  # the dense TCN's causal conv, dilation 16
 ])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_patches_match_xla(shape, ks, strides, dil, pads, c_out, dtype, tol):
+def test_impls_match_xla(shape, ks, strides, dil, pads, c_out, dtype, tol):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=shape), dtype)
     w = jnp.asarray(rng.normal(size=(*ks, shape[-1], c_out)), dtype)
-    xla, patches = _both(x, w, strides, dil, pads, lambda f, x, w: jax.jit(
+    xla, *others = _each(x, w, strides, dil, pads, lambda f, x, w: jax.jit(
         lambda x, w: _value_and_grads(f, x, w))(x, w))
-    for name, a, b in zip(("y", "dx", "dw"), patches, xla, strict=True):
-        assert a.dtype == dtype, name
-        assert _rel_err(a, b) < tol, name
+    for impl, got in zip(DENSE_IMPLS[1:], others, strict=True):
+        for name, a, b in zip(("y", "dx", "dw"), got, xla, strict=True):
+            assert a.dtype == dtype, (impl, name)
+            assert _rel_err(a, b) < tol, (impl, name)
+
+
+def _native_against_references(shape, ks, strides, dil, pads, c_out, seed=0):
+    """native float32 (value, dx, dw) against "xla" float32 and the float64 reference, 1e-5."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype(np.float32)
+    w = rng.normal(size=(*ks, shape[-1], c_out)).astype(np.float32)
+    run = lambda f, x, w: jax.jit(lambda x, w: _value_and_grads(f, x, w))(x, w)  # noqa: E731
+    xla, native = _each(jnp.asarray(x), jnp.asarray(w), strides, dil, pads, run, ("xla", "native"))
+    with x64_enabled():
+        (ref,) = _each(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64), strides, dil, pads,
+                       run, ("xla",))
+        ref = [np.asarray(r) for r in ref]
+    for name, a, b, r in zip(("y", "dx", "dw"), native, xla, ref, strict=True):
+        assert a.dtype == jnp.float32, name
+        assert _rel_err(a, b) < 1e-5, name
+        assert _rel_err(a, r) < 1e-5, name
+
+
+@PROPS
+@given(cfg=conv_configs())
+def test_native_matches_xla_and_float64(cfg):
+    shape, ks, strides, dil, pads, c_out = cfg
+    _native_against_references(shape, ks, strides, dil, pads, c_out)
+
+
+@st.composite
+def causal_configs(draw):
+    """The TCN's conv: 1-D, left padding d (k - 1), stride 1, dilation up to 9."""
+    k, d = draw(st.integers(1, 4)), draw(st.integers(1, 9))
+    t = draw(st.integers(1, 3 * d * k + 5))
+    c_in, c_out = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    return (draw(st.integers(1, 3)), t, c_in), (k,), (1,), (d,), ((d * (k - 1), 0),), c_out
+
+
+@PROPS
+@given(cfg=causal_configs())
+def test_native_causal_1d_matches_xla_and_float64(cfg):
+    _native_against_references(*cfg)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_on_every_isa(isa):
+    """The generic (4-float vectors) and AVX2 builds gather and tile differently from AVX-512."""
+    with native_isa(isa):
+        _native_against_references((2, 9, 8, 5), (3, 3), (2, 1), (2, 1), ((2, 2), (0, 1)), 16)
+        _native_against_references((2, 13, 21, 3), (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), 32)
+        _native_against_references((2, 30, 40), (3,), (1,), (4,), ((8, 0),), 70)
+
+
+def test_native_higher_order_and_vmap():
+    """jvp, forward-over-reverse (Hessian-vector product) and vmap agree with "xla"."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 2, 4, 5)), jnp.float32)
+    tx, tw = (jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in (x, w))
+    for strides in ((1, 1), (2, 1)):
+        def f(x, w, impl, strides=strides):
+            y = dense_conv(x, w, strides=strides, padding=((1, 1), (0, 1)), dilation=(1, 2), impl=impl)
+            return jnp.sum(jnp.sin(y))
+
+        def hvp(impl, f=f):
+            grad = jax.grad(lambda x, w: f(x, w, impl), argnums=(0, 1))
+            return jax.jvp(grad, (x, w), (tx, tw))
+
+        for a, b in zip(jax.tree.leaves(jax.jit(hvp, static_argnums=0)("native")),
+                        jax.tree.leaves(jax.jit(hvp, static_argnums=0)("xla")), strict=True):
+            assert _rel_err(a, b) < 1e-5, strides
+        batched = [jax.vmap(lambda x, impl=impl, f=f: jax.grad(f)(x, w, impl))(x[:, None]) for impl in
+                   ("native", "xla")]
+        assert _rel_err(*batched) < 1e-5, strides
 
 
 def test_auto_selection():
-    cpu = jax.default_backend() == "cpu"
-    for c in (1, 3, PATCHES_MAX_IN):
-        assert select_dense_impl(jnp.zeros((1, 4, 4, c)), "auto") == ("patches" if cpu else "xla")
-    assert select_dense_impl(jnp.zeros((1, 4, 4, PATCHES_MAX_IN + 1)), "auto") == "xla"
+    native = native_dense.available()
+    for c in (1, 3, PATCHES_MAX_IN, PATCHES_MAX_IN + 1, 64):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            want = "native" if native else "patches" if c <= PATCHES_MAX_IN else "xla"
+            assert select_dense_impl(jnp.zeros((1, 4, 4, c), dtype), "auto", platform="cpu") == want
+        assert select_dense_impl(jnp.zeros((1, 4, 4, c)), "auto", platform="default") == "xla"
+        # float16: no native kernel; im2col in memory only for few channels
+        want = "patches" if c <= PATCHES_MAX_IN else "xla"
+        assert select_dense_impl(jnp.zeros((1, 4, 4, c), jnp.float16), "auto", platform="cpu") == want
     for impl in DENSE_IMPLS:
         assert select_dense_impl(jnp.zeros((1, 4, 4, 3)), impl) == impl
     with pytest.raises(ValueError, match=r"impl must be 'auto' or one of .*'im2col'"):
@@ -123,6 +211,13 @@ def test_bad_shapes_name_the_problem():
         dense_conv(x, jnp.zeros((3, 3, 2, 4)), strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1))
     with pytest.raises(ValueError, match=r"strides, padding and dilation need 2 entries"):
         dense_conv(x, jnp.zeros((3, 3, 3, 4)), strides=(1,), padding=((0, 0), (0, 0)), dilation=(1, 1))
-    with pytest.raises(ValueError, match=r"smaller than the dilated kernel"):
-        dense_conv(x, jnp.zeros((3, 3, 3, 4)), strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(3, 3),
-                   impl="patches")
+    for impl in ("patches", "native"):
+        with pytest.raises(ValueError, match=r"smaller than the dilated kernel"):
+            dense_conv(x, jnp.zeros((3, 3, 3, 4)), strides=(1, 1), padding=((0, 0), (0, 0)),
+                       dilation=(3, 3), impl=impl)
+
+
+def test_native_refuses_other_dtypes():
+    with pytest.raises(ValueError, match=r"impl='native' \(dense conv\) needs float32 or bfloat16.*float16"):
+        dense_conv(jnp.zeros((1, 4, 4, 3), jnp.float16), jnp.zeros((3, 3, 3, 4), jnp.float16),
+                   strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1), impl="native")

@@ -5,8 +5,9 @@ Importing this package registers every depthwise implementation: ``"xla"``
 CPU only, present when its shared library was built; loaded and self-checked
 on first use, :mod:`jaxdsc.ops.native`). The pointwise conv has
 ``impl="xla"`` (``dot_general``) and ``"native"`` (the same library's GEMM),
-see :mod:`jaxdsc.ops.pointwise`; the dense conv ``"xla"`` and ``"patches"``
-(im2col + that GEMM), see :mod:`jaxdsc.ops.dense`. ``separable_conv`` chains
+see :mod:`jaxdsc.ops.pointwise`; the dense conv ``"xla"``, ``"native"`` (that
+GEMM over implicit im2col rows) and ``"patches"`` (im2col + that GEMM), see
+:mod:`jaxdsc.ops.dense`. ``separable_conv`` chains
 depthwise and pointwise, its forward fused into one native kernel on CPU
 (:mod:`jaxdsc.ops.separable`). ``batch_norm_act_train`` is train-mode batch
 norm with an optional fused ReLU, ``"xla"`` or ``"native"``

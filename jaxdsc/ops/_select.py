@@ -35,7 +35,7 @@ IMPL_TABLE: dict[str, dict[str, str]] = {
     "xla": {"depthwise": "xla", "pointwise": "xla", "batchnorm": "xla", "dense": "xla"},
     # pure JAX, no native kernel: the shifted-slice depthwise conv, XLA for the rest
     "shift": {"depthwise": "shift", "pointwise": "xla", "batchnorm": "xla", "dense": "xla"},
-    "native": {"depthwise": "native", "pointwise": "native", "batchnorm": "native", "dense": "patches"},
+    "native": {"depthwise": "native", "pointwise": "native", "batchnorm": "native", "dense": "native"},
 }
 POLICIES = tuple(IMPL_TABLE)
 

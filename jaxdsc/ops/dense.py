@@ -1,23 +1,27 @@
 """Dense (``groups=1``) convolution, NHWC / channels-last, any spatial rank.
 
 Implementations (the same function; ``tests/test_ops_dense.py`` checks values
-and gradients of both against each other and against float64):
+and gradients of each against the others and against float64):
 
 * ``"xla"``: ``lax.conv_general_dilated``. The reference, and the ``"auto"``
-  choice on GPU/TPU and on CPU for inputs with at least :data:`PATCHES_MAX_IN`
-  + 1 channels.
-* ``"patches"``: im2col: the ``prod(kernel_size)`` shifted (strided, dilated)
-  slices of the padded input concatenated on the channel axis, then one
-  :func:`jaxdsc.ops.pointwise.pointwise_conv` GEMM with the kernel reshaped
-  to ``(prod(kernel_size) * C_in, C_out)`` (the native GEMM on CPU). XLA:CPU
-  runs a conv with very few input channels far below its GEMM speed: the
-  CIFAR stem, 3 -> 32 channels, 3x3, N=128 32x32, takes 8.0 ms forward and
-  18.7 ms for the weight gradient with ``"xla"``, 2.1 and 5.1 ms with
-  ``"patches"`` (issue 5, BENCHMARKS.md). From 8 input channels on, ``"xla"``
-  measured faster (the patches are ``prod(kernel_size)`` times the input).
+  choice on GPU/TPU, and on CPU where ``"native"`` cannot run.
+* ``"native"``: the native GEMM over the conv's implicit im2col matrix (rows
+  gathered a chunk at a time into cache, never materialised), its weight
+  gradient the same way, its input gradient the transposed conv
+  (:mod:`jaxdsc.ops.native_dense`). float32 and bfloat16. The ``"auto"``
+  choice on CPU: measured faster than ``"xla"`` on every shape tried (see
+  :data:`NATIVE_MEASURED`).
+* ``"patches"``: im2col in memory: the ``prod(kernel_size)`` shifted (strided,
+  dilated) slices of the padded input concatenated on the channel axis, then
+  one :func:`jaxdsc.ops.pointwise.pointwise_conv` GEMM with the kernel reshaped
+  to ``(prod(kernel_size) * C_in, C_out)``. Before ``"native"`` the CPU
+  choice for inputs of at most :data:`PATCHES_MAX_IN` channels (the CIFAR stem,
+  3 -> 32, 3x3, N=128 32x32: 2.1 / 5.1 ms forward / weight gradient against
+  8.0 / 18.7 ms with ``"xla"``, issue 5); now the CPU fallback for dtypes the
+  native kernels lack (float16, float64), where it still beats ``"xla"``.
 
 ``"auto"`` is resolved per platform inside the program (:mod:`jaxdsc.ops._select`):
-``"patches"`` only in the CPU branch.
+``"native"`` or ``"patches"`` only in the CPU branch.
 """
 
 from __future__ import annotations
@@ -30,14 +34,34 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdsc.ops import native_dense
 from jaxdsc.ops._select import on_platforms, platform_of_default_backend, with_policy
 from jaxdsc.ops.pointwise import pointwise_conv
 
-DENSE_IMPLS = ("xla", "patches")
+DENSE_IMPLS = ("xla", "patches", "native")
 
-# "auto" uses "patches" on CPU up to this many input channels (measured: 1 and
-# 3 channels 2-4x faster forward and weight gradient; 8 and 16 slower).
+# Without the native kernels (or for float16/float64), "auto" uses "patches"
+# on CPU up to this many input channels (measured: 1 and 3 channels 2-4x
+# faster forward and weight gradient; 8 and 16 slower).
 PATCHES_MAX_IN = 7
+
+# Why "auto" on CPU is "native" for every float32/bfloat16 dense conv: it was
+# measured faster than "xla" on every training step tried, and on every forward
+# but a few within the machine's noise (benchmarks/dense_ab.py, 2026-12-06
+# 16:43, Intel Xeon 2 vCPUs, load 3.0-3.9 from another job, interleaved; native
+# / xla time, the step = value + input gradient + weight gradient, without the
+# input gradient for the first stem conv, which reads the data):
+NATIVE_MEASURED = """
+shape (batch 8)                                 forward  step
+xception stem 3x3 s2, 3 -> 32, 224x224           0.23    0.70
+xception stem 3x3, 32 -> 64, 112x112             0.94    0.46
+1x1 s2 shortcut, 64 -> 128, 112x112              0.64    0.28
+3x3, 256 -> 256, 28x28                           1.08    0.41
+TCN causal k3, C 64, T 1000, dilation 1/16/256   0.79 / 1.11 / 0.89   0.53 / 0.89 / 0.78
+TCN causal k3, C 64, T 4096, dilation 1/16/256   0.90 / 1.21 / 1.15   0.63 / 0.80 / 0.48
+"""
+# The forwards above 1.0 (the K = 192-2304 GEMMs) measured 0.91-0.97 in a rerun
+# of three of them (stem 32 -> 64, TCN T 4096 d 16, 256 -> 256) at load 3.3.
 
 
 def select_dense_impl(x: jax.Array, impl: str = "auto", *, platform: str | None = None) -> str:
@@ -52,7 +76,11 @@ def select_dense_impl(x: jax.Array, impl: str = "auto", *, platform: str | None 
     if impl != "auto":
         raise ValueError(f"impl must be 'auto' or one of {DENSE_IMPLS}, got {impl!r}")
     platform = platform or platform_of_default_backend()
-    return "patches" if platform == "cpu" and x.shape[-1] <= PATCHES_MAX_IN else "xla"
+    if platform != "cpu":
+        return "xla"
+    if jnp.dtype(x.dtype) in native_dense.DTYPES and 3 <= x.ndim <= 5 and native_dense.available():
+        return "native"
+    return "patches" if x.shape[-1] <= PATCHES_MAX_IN else "xla"
 
 
 def _patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -97,7 +125,7 @@ def dense_conv(
       kernel: ``(*kernel_size, C_in, C_out)``.
       strides, dilation: one entry per spatial axis (``rhs_dilation``).
       padding: explicit ``(low, high)`` pairs per spatial axis.
-      impl: ``"auto"``, ``"xla"`` or ``"patches"`` (see the module docstring).
+      impl: ``"auto"``, ``"xla"``, ``"native"`` or ``"patches"`` (see the module docstring).
     Returns:
       ``(N, *out_spatial, C_out)`` in ``x.dtype``; bfloat16/float16 inputs accumulate in float32.
     """
@@ -124,7 +152,8 @@ def dense_conv(
             precision=precision, preferred_element_type=jnp.float32 if low else None,
         ).astype(x.dtype)
 
-    fns = {"xla": xla, "patches": lambda x, k: _patches(x, k, strides, padding, dilation, precision)}
+    fns = {"xla": xla, "patches": lambda x, k: _patches(x, k, strides, padding, dilation, precision),
+           "native": lambda x, k: native_dense.dense_native(x, k, strides, padding, dilation)}
     if with_policy("dense", impl) != "auto":
         return fns[select_dense_impl(x, impl)](x, kernel)
     return on_platforms((x, kernel), lambda p: select_dense_impl(x, platform=p), lambda n, _: fns[n])
