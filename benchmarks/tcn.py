@@ -26,6 +26,7 @@ ratio jaxdsc / torch (< 1: jaxdsc faster).
     python benchmarks/tcn.py                                   # full (minutes; run on a quiet CPU)
     python benchmarks/tcn.py --lengths 64 --levels 3 --rounds 2 --block-s 0.02   # smoke
     python benchmarks/tcn.py --presets adding,copy,music-jsb,music-nottingham   # the training presets
+    python benchmarks/tcn.py --kinds dense --also-policy xla   # also the reference kernels, same rounds
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from flax import nnx
 
 import torch_bridge
 from jaxdsc.models import TCN
+from jaxdsc.ops import impl_policy
 
 # Length at which a preset's step is timed: the generated tasks' T (copy: 1000 blanks + 20), and for the
 # music sets the median padded length of a training epoch's batches of 8 (train.seq_loop buckets them).
@@ -136,6 +138,11 @@ def _torch_fns(twin: torch.nn.Module, x: np.ndarray, lr: float):
     return forward, step, y, first_loss
 
 
+def _under(policy: str, fn):
+    with impl_policy(policy):
+        return fn()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="1000,4096", help="comma list of T")
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--presets", default="", help="comma list of sequence presets to time instead (train step)")
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--also-policy", default="", choices=["", "xla", "shift", "native"],
+                   help="also time jaxdsc traced under this jaxdsc.ops.impl_policy, in the same rounds "
+                        "(xla: the reference kernels; a before/after check of a kernel)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,11 +176,23 @@ def main(argv: list[str] | None = None) -> int:
                              f"loss {float(jloss)} vs {tloss})")
         modes = (("step", {"jax": js, "torch": ts}),) if case["label"] else (
             ("forward", {"jax": jf, "torch": tf}), ("step", {"jax": js, "torch": ts}))
+        if args.also_policy:
+            # Traced and run under the policy (part of jit's cache key: every call inside it).
+            with impl_policy(args.also_policy):
+                pf, ps, py, _ = _jax_fns(model, x, lr)
+            if float(np.abs(np.asarray(py) - ty).max()) > 1e-4 * max(np.abs(ty).max(), 1e-30):
+                raise SystemExit(f"T={t} {kind}: policy {args.also_policy} disagrees with torch")
+            extra = {"forward": pf, "step": ps}
+            for mode, fns in modes:
+                fns["policy"] = lambda f=extra[mode]: _under(args.also_policy, f)
         for mode, fns in modes:
             res = time_interleaved(fns, rounds=args.rounds, block_s=args.block_s)
             jms, tms = res["jax"].median_ms, res["torch"].median_ms
             row = {"T": t, "kind": kind, "mode": mode, "jax_ms": round(jms, 3), "torch_ms": round(tms, 3),
                    "ratio": round(jms / tms, 3)}
+            if "policy" in res:
+                pms = res["policy"].median_ms
+                row.update(policy=args.also_policy, policy_ms=round(pms, 3), policy_ratio=round(pms / tms, 3))
             if case["label"]:
                 row.update(preset=case["label"], batch=case["batch"],
                            params=sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param))),
@@ -178,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                            torch_seq_per_s=round(1e3 * case["batch"] / tms, 1))
             rows.append(row)
             print(f"T={t:5d} {case['label'] or kind:22s} {mode:7s} jaxdsc {row['jax_ms']:9.2f} ms  torch "
-                  f"{row['torch_ms']:9.2f} ms  ratio {row['ratio']:.2f}", flush=True)
+                  f"{row['torch_ms']:9.2f} ms  ratio {row['ratio']:.2f}"
+                  + (f"  (policy {row['policy']}: {row['policy_ms']:.2f} ms, ratio {row['policy_ratio']:.2f})"
+                     if "policy" in row else ""), flush=True)
     if args.presets:
         print("\n| preset | convs | params | T | batch | jaxdsc seq/s | PyTorch seq/s | jaxdsc / PyTorch time |\n"
               "|---|---|---|---|---|---|---|---|")

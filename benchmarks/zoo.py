@@ -24,11 +24,13 @@ is reported. Torch threads: ``--threads`` (default: the number of cores). Figure
 
     python benchmarks/zoo.py --json /tmp/zoo.json                 # full (minutes; quiet CPU)
     python benchmarks/zoo.py --models torchvision:mobilenet_v2 --batch 2 --size 32 --rounds 1 --loss-rtol 0.05
+    python benchmarks/zoo.py --models timm:xception41 --also-old-dense   # the dense kernel's before/after
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import os
@@ -178,7 +180,7 @@ def _check_same_function(name: str, jf: dict, tf: dict, loss_rtol: float) -> dic
             f"{jl} vs {tl}, rel err {loss_err:.2e}, limit {loss_rtol}). Train-mode BatchNorm over a few "
             "values per channel (tiny --batch and --size leave 1x1 maps) amplifies float32 roundoff: "
             "a larger --batch/--size, or --loss-rtol, if only the loss differs")
-    return {"eval_rel_err": eval_err, "train_loss_rel_err": loss_err}
+    return {"eval_rel_err": eval_err, "train_loss_rel_err": loss_err, "first_loss": jl}
 
 
 # ---------------------------------------------------------------- main --
@@ -194,10 +196,26 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
     labels = _labels(name, args.batch, args.size, num_classes, rng)
     jf = jax_fns(jm, x, labels)
     tfs = {label: torch_fns(tm, x, labels, fmt) for label, fmt in LAYOUTS.items()}
+    old = {}
+    if args.also_old_dense:
+        # A second model (the step donates its state), traced with "auto" choosing the dense convs'
+        # implementation as before the native dense kernel; later calls reuse those traces.
+        old = jax_fns(torch_bridge.from_torch(tm), x, labels)
+        with _native_dense_off():
+            old_eval, old_loss = np.asarray(old["eval"]()), float(old["train"]())
     errs = _check_same_function(name, jf, tfs["torch_nchw"], args.loss_rtol)
+    if old:
+        new_eval = np.asarray(jf["eval"]())
+        eval_err = float(np.abs(old_eval - new_eval).max() / max(np.abs(new_eval).max(), 1e-30))
+        loss_err = abs(old_loss - errs["first_loss"]) / max(abs(errs["first_loss"]), 1e-30)
+        if not (eval_err <= EVAL_RTOL and loss_err <= args.loss_rtol):
+            raise SystemExit(f"{name}: the old dense path disagrees (eval rel err {eval_err:.2e}, "
+                             f"first train loss rel err {loss_err:.2e})")
     rows = []
     for mode in args.modes.split(","):
         fns = {"jaxdsc": jf[mode], **{label: tf[mode] for label, tf in tfs.items()}}
+        if old:
+            fns["jaxdsc_old_dense"] = old[mode]
         load0 = os.getloadavg()[0]
         res = time_interleaved(fns, rounds=args.rounds, block_s=args.block_s, warmup=args.warmup)
         ips = {k: args.batch / (t.median_ms * 1e-3) for k, t in res.items()}
@@ -206,12 +224,29 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict]:
                "jaxdsc_ips": round(ips["jaxdsc"], 2), "torch_ips": round(ips[best], 2),
                "torch_layout": "channels_last" if best == "torch_cl" else "NCHW",
                "ratio": round(ips["jaxdsc"] / ips[best], 3), **errs,
+               **({"old_dense_ips": round(ips["jaxdsc_old_dense"], 2),
+                   "old_dense_ratio": round(ips["jaxdsc_old_dense"] / ips[best], 3)} if old else {}),
                "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
                "timings": {k: vars(t) for k, t in res.items()}}
         rows.append(row)
         print(f"{name:32s} {mode:5s} jaxdsc {row['jaxdsc_ips']:9.1f} img/s  torch {row['torch_ips']:9.1f} "
-              f"img/s ({row['torch_layout']})  ratio {row['ratio']:.2f}", flush=True)
+              f"img/s ({row['torch_layout']})  ratio {row['ratio']:.2f}"
+              + (f"  (old dense: {row['old_dense_ips']:.1f} img/s, ratio {row['old_dense_ratio']:.2f})"
+                 if old else ""), flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _native_dense_off():
+    """Dense convs traced in the body take "auto"'s choice without the native dense kernel."""
+    from jaxdsc.ops import native_dense
+
+    available = native_dense.available
+    native_dense.available = lambda: False
+    try:
+        yield
+    finally:
+        native_dense.available = available
 
 
 def tm_num_classes(tm: torch.nn.Module) -> int:
@@ -242,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-rtol", type=float, default=LOSS_RTOL,
                    help="tolerated relative difference of the first train-mode loss")
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--also-old-dense", action="store_true",
+                   help="also time jaxdsc with the dense convs as before the native dense kernel "
+                        "(patches for <= 7 input channels, else xla), same rounds")
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]

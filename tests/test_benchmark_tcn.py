@@ -17,11 +17,11 @@ def test_tcn_benchmark_smoke(tmp_path):
     spec.loader.exec_module(mod)
     out = tmp_path / "tcn.json"
     assert mod.main(["--lengths", "40", "--levels", "2", "--channels", "4", "--batch", "2", "--rounds", "1",
-                     "--block-s", "0.001", "--threads", "1", "--json", str(out)]) == 0
+                     "--block-s", "0.001", "--threads", "1", "--also-policy", "xla", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["kind"], r["mode"]) for r in rows} == {(k, m) for k in ("separable", "dense")
                                                       for m in ("forward", "step")}
-    assert all(r["jax_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    assert all(r["jax_ms"] > 0 and r["torch_ms"] > 0 and r["policy_ms"] > 0 for r in rows)
 
 
 def test_tcn_benchmark_presets_time_the_trainer_presets(tmp_path, monkeypatch):

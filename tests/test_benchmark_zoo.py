@@ -31,13 +31,15 @@ def test_zoo_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "zoo.json"
     assert _module().main(["--models", "torchvision:mobilenet_v2", "--batch", "2", "--size", "32",
                            "--rounds", "1", "--block-s", "0.001", "--warmup", "1", "--threads", "1",
-                           "--loss-rtol", "0.05", "--json", str(out)]) == 0
+                           "--loss-rtol", "0.05", "--also-old-dense", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["mode"]) for r in rows] == [("torchvision:mobilenet_v2", m) for m in ("eval", "train")]
     for r in rows:
         assert r["jaxdsc_ips"] > 0 and r["torch_ips"] > 0 and r["torch_layout"] in ("NCHW", "channels_last")
         assert r["eval_rel_err"] <= 1e-4 and r["train_loss_rel_err"] <= 0.05
-        assert {"jaxdsc", "torch_nchw", "torch_cl"} == set(r["timings"])
+        # --also-old-dense: a second model traced without the native dense kernel, in the same rounds
+        assert {"jaxdsc", "jaxdsc_old_dense", "torch_nchw", "torch_cl"} == set(r["timings"])
+        assert r["old_dense_ips"] > 0
     table = capsys.readouterr().out
     assert "| torchvision:mobilenet_v2 | train |" in table and "jaxdsc / torch" in table
 
