@@ -96,6 +96,8 @@ def test_patches_match_xla_float64(cfg):
     ((2, 23, 21, 3), (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), 32),  # xception's first stem conv
     ((2, 12, 11, 70), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 130),  # K = 630: K blocks, 3 panels
     ((2, 40, 64), (3,), (1,), (16,), ((32, 0),), 64),  # the dense TCN's causal conv, dilation 16
+    ((2, 15, 14, 9), (1, 1), (2, 2), (1, 1), ((0, 0), (0, 0)), 12),  # xception's 1x1 s2 shortcut
+    ((2, 10, 7, 5), (1, 1), (2, 3), (1, 1), ((1, 0), (-1, 2)), 6),  # strided 1x1, uneven padding
 ])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_impls_match_xla(shape, ks, strides, dil, pads, c_out, dtype, tol):
@@ -188,6 +190,9 @@ def test_auto_selection():
             want = "native" if native else "patches" if c <= PATCHES_MAX_IN else "xla"
             assert select_dense_impl(jnp.zeros((1, 4, 4, c), dtype), "auto", platform="cpu") == want
         assert select_dense_impl(jnp.zeros((1, 4, 4, c)), "auto", platform="default") == "xla"
+        # 1x1 kernels: the pointwise GEMM (after a strided slice at most), no gathering
+        one = select_dense_impl(jnp.zeros((1, 4, 4, c)), "auto", platform="cpu", kernel_size=(1, 1))
+        assert one == ("patches" if native or c <= PATCHES_MAX_IN else "xla")
         # float16: no native kernel; im2col in memory only for few channels
         want = "patches" if c <= PATCHES_MAX_IN else "xla"
         assert select_dense_impl(jnp.zeros((1, 4, 4, c), jnp.float16), "auto", platform="cpu") == want

@@ -9,15 +9,16 @@ and gradients of each against the others and against float64):
   gathered a chunk at a time into cache, never materialised), its weight
   gradient the same way, its input gradient the transposed conv
   (:mod:`jaxdsc.ops.native_dense`). float32 and bfloat16. The ``"auto"``
-  choice on CPU: measured faster than ``"xla"`` on every shape tried (see
-  :data:`NATIVE_MEASURED`).
+  choice on CPU for kernels larger than 1x1: measured faster than ``"xla"``
+  on every shape tried (see :data:`NATIVE_MEASURED`).
 * ``"patches"``: im2col in memory: the ``prod(kernel_size)`` shifted (strided,
   dilated) slices of the padded input concatenated on the channel axis, then
   one :func:`jaxdsc.ops.pointwise.pointwise_conv` GEMM with the kernel reshaped
   to ``(prod(kernel_size) * C_in, C_out)``. Before ``"native"`` the CPU
   choice for inputs of at most :data:`PATCHES_MAX_IN` channels (the CIFAR stem,
   3 -> 32, 3x3, N=128 32x32: 2.1 / 5.1 ms forward / weight gradient against
-  8.0 / 18.7 ms with ``"xla"``, issue 5); now the CPU fallback for dtypes the
+  8.0 / 18.7 ms with ``"xla"``, issue 5); now the CPU choice for 1x1 kernels
+  (no im2col then: a strided slice at most) and the fallback for dtypes the
   native kernels lack (float16, float64), where it still beats ``"xla"``.
 
 ``"auto"`` is resolved per platform inside the program (:mod:`jaxdsc.ops._select`):
@@ -62,13 +63,20 @@ TCN causal k3, C 64, T 4096, dilation 1/16/256   0.90 / 1.21 / 1.15   0.63 / 0.8
 """
 # The forwards above 1.0 (the K = 192-2304 GEMMs) measured 0.91-0.97 in a rerun
 # of three of them (stem 32 -> 64, TCN T 4096 d 16, 256 -> 256) at load 3.3.
+# 1x1 kernels take "patches" instead (for them a strided slice, or nothing, then
+# the pointwise GEMM with its fused one-pass backward): the 1x1 s2 shortcut's
+# step took 0.83 and 0.88 of "native"'s time in two runs (loads 3.9 and 11),
+# its forward 1.32 and 1.06; "native" gathers rows the GEMM could read in place.
 
 
-def select_dense_impl(x: jax.Array, impl: str = "auto", *, platform: str | None = None) -> str:
+def select_dense_impl(x: jax.Array, impl: str = "auto", *, platform: str | None = None,
+                      kernel_size: Sequence[int] | None = None) -> str:
     """Name of the implementation ``impl`` resolves to for input ``x`` ``(N, *spatial, C_in)``.
 
     ``platform``: ``"cpu"`` or ``"default"`` (other platforms); None: that of
-    ``jax.default_backend()``. The active :func:`jaxdsc.ops.impl_policy` applies.
+    ``jax.default_backend()``. ``kernel_size``: the spatial kernel size, if
+    known (1x1 kernels take ``"patches"`` on CPU, see :data:`NATIVE_MEASURED`).
+    The active :func:`jaxdsc.ops.impl_policy` applies.
     """
     impl = with_policy("dense", impl)
     if impl in DENSE_IMPLS:
@@ -79,7 +87,8 @@ def select_dense_impl(x: jax.Array, impl: str = "auto", *, platform: str | None 
     if platform != "cpu":
         return "xla"
     if jnp.dtype(x.dtype) in native_dense.DTYPES and 3 <= x.ndim <= 5 and native_dense.available():
-        return "native"
+        one = kernel_size is not None and all(k == 1 for k in kernel_size)
+        return "patches" if one else "native"
     return "patches" if x.shape[-1] <= PATCHES_MAX_IN else "xla"
 
 
@@ -154,6 +163,8 @@ def dense_conv(
 
     fns = {"xla": xla, "patches": lambda x, k: _patches(x, k, strides, padding, dilation, precision),
            "native": lambda x, k: native_dense.dense_native(x, k, strides, padding, dilation)}
+    ks = kernel.shape[:rank]
     if with_policy("dense", impl) != "auto":
-        return fns[select_dense_impl(x, impl)](x, kernel)
-    return on_platforms((x, kernel), lambda p: select_dense_impl(x, platform=p), lambda n, _: fns[n])
+        return fns[select_dense_impl(x, impl, kernel_size=ks)](x, kernel)
+    return on_platforms((x, kernel), lambda p: select_dense_impl(x, platform=p, kernel_size=ks),
+                        lambda n, _: fns[n])

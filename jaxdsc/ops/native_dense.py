@@ -12,10 +12,12 @@ written to memory (what the ``"patches"`` path does).
   against ``g`` (per-task partials summed in a fixed order: deterministic);
 * input gradient at stride 1: the forward of ``g`` with the kernel flipped
   and its channel axes swapped, padded by ``d * (k - 1) - lo`` (the
-  transposed conv of a stride-1 conv is a stride-1 conv); at stride > 1
-  XLA's transposed convolution (a native one would need zero-interleaved
-  ``g``: ``prod(strides)`` times the work). The strided convs measured here
-  are stems reading the data, whose input gradient is never taken.
+  transposed conv of a stride-1 conv is a stride-1 conv); for a strided 1x1
+  kernel (xception's shortcuts) ``g w^T`` spread over every s-th pixel; for
+  other strided kernels XLA's transposed convolution (a native one would need
+  zero-interleaved ``g``: ``prod(strides)`` times the work). The strided
+  k > 1 convs measured here are stems reading the data, whose input gradient
+  is never taken.
 
 Any rank 1-3, stride, dilation and (negative) padding; float32, or bfloat16
 with float32 accumulation. Gradients of any order and mode come from
@@ -116,6 +118,13 @@ def _grad_input(g: jax.Array, w: jax.Array, call: DenseCall) -> jax.Array:
         pad_lo = [d * (k - 1) - lo for d, k, (lo, _) in zip(call.dilation, call.kernel_size, call.padding,
                                                             strict=True)]
         return _conv(g, wt, (1,) * rank, call.dilation, pad_lo, call.spatial)
+    if max(call.kernel_size) == 1:
+        # A strided 1x1 conv reads every s-th pixel: dx is g w^T (one GEMM) at those pixels,
+        # zeros between (lax.pad's interior padding), cropped / padded to the input's extent.
+        gw = _conv(g, jnp.swapaxes(w, -1, -2), (1,) * rank, (1,) * rank, (0,) * rank, call.out_spatial)
+        edges = [(-lo, n + lo - (o - 1) * s - 1, s - 1) for n, o, s, (lo, _) in
+                 zip(call.spatial, call.out_spatial, call.strides, call.padding, strict=True)]
+        return lax.pad(gw, jnp.zeros((), gw.dtype), [(0, 0, 0), *edges, (0, 0, 0)])
     x_aval = jax.ShapeDtypeStruct((g.shape[0], *call.spatial, call.c_in), g.dtype)
     (dx,) = jax.linear_transpose(lambda x: _xla(x, w, call), x_aval)(g)
     return dx
