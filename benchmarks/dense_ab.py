@@ -34,6 +34,7 @@ from jaxdsc.ops import dense_conv
 SHAPES = {
     "stem0": ((8, 224, 224, 3), (3, 3), 32, 2, 1, ((1, 1), (1, 1)), False),
     "stem1": ((8, 112, 112, 32), (3, 3), 64, 1, 1, ((1, 1), (1, 1)), True),
+    "cifar_stem": ((128, 32, 32, 3), (3, 3), 32, 1, 1, ((1, 1), (1, 1)), False),  # DSCNet's stem
     # xception41's first shortcut (1x1 s2, 64 -> 128 at 112x112) and a mid-network 3x3 conv
     "sc1x1_s2": ((8, 112, 112, 64), (1, 1), 128, 2, 1, ((0, 0), (0, 0)), True),
     "c256": ((8, 28, 28, 256), (3, 3), 256, 1, 1, ((1, 1), (1, 1)), True),

@@ -63,6 +63,8 @@ TCN causal k3, C 64, T 4096, dilation 1/16/256   0.90 / 1.21 / 1.15   0.63 / 0.8
 """
 # The forwards above 1.0 (the K = 192-2304 GEMMs) measured 0.91-0.97 in a rerun
 # of three of them (stem 32 -> 64, TCN T 4096 d 16, 256 -> 256) at load 3.3.
+# Against "patches", the CPU choice for <= 7 channels before: DSCNet's CIFAR stem
+# (3x3, 3 -> 32, N 128 32x32, no input gradient) 0.55 forward, 0.70 step (17:40, load 8).
 # 1x1 kernels take "patches" instead (for them a strided slice, or nothing, then
 # the pointwise GEMM with its fused one-pass backward): the 1x1 s2 shortcut's
 # step took 0.83 and 0.88 of "native"'s time in two runs (loads 3.9 and 11),
