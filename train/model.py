@@ -18,8 +18,8 @@ from the source's, the head is re-initialised.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +56,44 @@ def describe(cfg: ModelConfig) -> str:
     return f"dscnet widths {dash(widths)} strides {dash(strides)} d{cfg.depth} dil {dash(dilations)}"
 
 
-@functools.partial(nnx.jit, static_argnums=(0, 1, 2, 3, 4))
-def _create(num_classes: int, arch: tuple[tuple[str, Any], ...], momentum: float, precision: str, impl: str,
-            seed: jax.Array) -> DSCNet:
-    # One compiled program instead of an eager op per parameter (seconds saved per process).
+# Compiler options of the initialisation programs (:func:`compiled_init`: a model's parameters
+# drawn in one compiled program instead of an eager op per parameter). At XLA's default CPU optimisation level the
+# unrolled threefry/normal code of the initialisers takes most of a trainer process's start-up to
+# compile (tiny preset: 12 s of compile on a loaded 2-core machine, 2.8 s at level 1), and the
+# program runs once. Level 1 gives the same parameter bits as the default level and as eager
+# construction (checked for the tiny and cifar10-cpu presets, a two-stage torchvision
+# MobileNetV2 and a small U-Net); level 0 does not (the last bit of some normal draws differs).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def compiled_init(init: Callable[..., tuple[nnx.GraphDef, nnx.State]], *static: Any, seed: int) -> nnx.Module:
+    """``nnx.merge(*init(*static, seed))`` with ``init`` compiled (:data:`INIT_COMPILER_OPTIONS`; ``static``
+    hashable, one program per value) or, under a trace (``nnx.eval_shape(lambda: build(...))``), traced
+    along: ``jax.jit`` refuses compiler options on a nested jit."""
+    key = jnp.asarray(seed, jnp.uint32)
+    if isinstance(key, jax.core.Tracer):
+        return nnx.merge(*init(*static, key))
+    jitted = _JITTED.get(init)
+    if jitted is None:
+        jitted = _JITTED[init] = jax.jit(init, static_argnums=tuple(range(len(static))),
+                                         compiler_options=INIT_COMPILER_OPTIONS)
+    return nnx.merge(*jitted(*static, key))
+
+
+_JITTED: dict[Callable[..., Any], Any] = {}
+
+
+def _init_dscnet(num_classes: int, arch: tuple[tuple[str, Any], ...], momentum: float, precision: str, impl: str,
+                 seed: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
     dtype = jnp.bfloat16 if precision == "bfloat16" else None
-    return DSCNet(num_classes, momentum=momentum, dtype=dtype, impl=impl, rngs=nnx.Rngs(params=jax.random.key(seed)),
-                  **dict(arch))
+    return nnx.split(DSCNet(num_classes, momentum=momentum, dtype=dtype, impl=impl,
+                            rngs=nnx.Rngs(params=jax.random.key(seed)), **dict(arch)))
 
 
 def build(cfg: ModelConfig, seed: int) -> DSCNet:
     """A freshly initialised model (float32 parameters; bf16 compute when asked)."""
-    return _create(cfg.num_classes, tuple(dscnet_kwargs(cfg).items()), cfg.bn_momentum, cfg.precision, cfg.impl,
-                   jnp.asarray(seed, jnp.uint32))
+    return compiled_init(_init_dscnet, cfg.num_classes, tuple(dscnet_kwargs(cfg).items()), cfg.bn_momentum,
+                         cfg.precision, cfg.impl, seed=seed)
 
 
 def _as_float32(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -127,11 +152,9 @@ def load_workdir(cfg: ModelConfig, path: Path, seed: int) -> tuple[nnx.Module, M
 
     arrays, ckpt = read_arrays(path)
     src = dataclasses.replace(workdir_config(path, ckpt), impl=cfg.impl, precision=cfg.precision)
-    if zoo_model.is_zoo(src):
-        model = zoo_model.build(src, seed)
-    else:
-        model = DSCNet(src.num_classes, momentum=src.bn_momentum, dtype=compute_dtype(cfg), impl=cfg.impl,
-                       rngs=nnx.Rngs(params=seed), **dscnet_kwargs(src))
+    # Built by the compiled initialisers (the eager DSCNet took seconds, op by op); the checkpoint's
+    # arrays replace the drawn ones below.
+    model = zoo_model.build(src, seed) if zoo_model.is_zoo(src) else build(src, seed)
     prefix = "ema." if any(k.startswith("ema.") for k in arrays) else ""
     for kind, var in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
         state = nnx.state(model, var)

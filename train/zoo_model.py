@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from train.config import ConfigError, ModelConfig
+from train.model import compiled_init
 
 DSCNET_NAMES = ("dscnet", "jaxdsc:dscnet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,17 +112,25 @@ def input_norm(cfg: ModelConfig, model: nnx.Module | None = None
 
 
 def _create(cfg: ModelConfig, seed: int, num_classes: int | None = None) -> nnx.Module:
-    from jaxdsc.models import create
-    from train.model import compute_dtype
-
     kwargs = model_kwargs(cfg)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        return create(cfg.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1), impl=cfg.impl,
-                      dtype=compute_dtype(cfg), **kwargs)
+        return compiled_init(_init_zoo, cfg.model, json.dumps(kwargs, sort_keys=True), cfg.impl, cfg.precision,
+                             seed=seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--model {cfg.model} with --model-kwargs {json.dumps(kwargs)}: {e}") from None
+
+
+def _init_zoo(name: str, kwargs_json: str, impl: str, precision: str, seed: jax.Array
+                ) -> tuple[nnx.GraphDef, nnx.State]:
+    # Compiled as one program (train.model.compiled_init): eager construction compiles and runs the
+    # initialisers op by op (two-stage MobileNetV2: 15.7 s eager, 3.6 s compiled, same bits).
+    from jaxdsc.models import create
+
+    rngs = nnx.Rngs(params=jax.random.key(seed), dropout=jax.random.key(seed + 1))
+    dtype = jnp.bfloat16 if precision == "bfloat16" else None
+    return nnx.split(create(name, rngs=rngs, impl=impl, dtype=dtype, **json.loads(kwargs_json)))
 
 
 def build(cfg: ModelConfig, seed: int) -> nnx.Module:
