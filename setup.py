@@ -66,6 +66,7 @@ dwconv = Extension(
         "csrc/pwconv_kernels.inc",
         "csrc/pwconv_ffi.inc",
         "csrc/dense_ffi.inc",
+        "csrc/dense_kernels.inc",
         "csrc/bn_kernels.inc",
         "csrc/bn_ffi.inc",
         "csrc/sepconv_ffi.inc",
