@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,11 +14,17 @@ import torch_bridge
 from jaxdsc.models import DSCNet
 from train import cli
 from train.config import ConfigError, ModelConfig
-from train.model import initial_model
+from train.model import compiled_init, initial_model
 from train.testing import write_cifar10
 
 FROZEN = ("stem.conv.weight", "stem.bn.weight", "stem.bn.bias", "blocks.0.depthwise.weight",
           "blocks.0.pointwise.weight")
+
+
+def _cifar100_model(seed: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
+    # Built by the trainer's compiled initialisers: the eager DSCNet(...) compiled and ran its
+    # initialisers op by op (seconds of this module's time); any weights serve as the "pretrained" ones.
+    return nnx.split(DSCNet(100, width=8, depth=1, rngs=nnx.Rngs(params=jax.random.key(seed))))
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def pretrained(tmp_path_factory) -> dict[str, Path]:
     import torch
 
     root = tmp_path_factory.mktemp("pretrained")
-    model = DSCNet(100, width=8, depth=1, rngs=nnx.Rngs(7))  # a "CIFAR-100" model
+    model = compiled_init(_cifar100_model, seed=7)  # a "CIFAR-100" model
     paths = {"file": root / "c100.safetensors", "pt": root / "c100.pt", "data": write_cifar10(root / "d", 256, 64)}
     torch_bridge.save(model, paths["file"])
     torch.save(torch_bridge.to_torch(model).state_dict(), paths["pt"])
