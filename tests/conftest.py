@@ -212,6 +212,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         "pointwise": "pointwise",
         "batch norm": "batchnorm",
         "fused separable": "separable",
+        "dense conv": "dense",
     }
     missing = [name for name, family in families.items() if not native.available(family)]
     if missing:
