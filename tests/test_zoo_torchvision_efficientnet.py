@@ -1,7 +1,7 @@
 """torchvision's EfficientNet B0-B7 <-> jaxdsc.models (tolerances: tests/_zoo_checks.py).
 
-B0 is checked numerically (eval, train, gradients in float64, round trips, files); the
-bigger variants structurally (every state-dict key and shape, BatchNorm eps / momentum,
+B0 is checked numerically (eval, train, gradients in float64, round trips, files), B1 in eval;
+the bigger variants structurally (every state-dict key and shape, BatchNorm eps / momentum,
 the configuration read back from an instance), which is where they differ from B0.
 """
 
@@ -58,6 +58,15 @@ def test_b0_features_on_cifar_sized_input():
                            .features(jnp.zeros((2, 32, 32, 3))))
     # 32x32 (CIFAR) ends at 1x1 after the 32x downsampling, before the global pooling
     assert [f.shape[1:] for f in feats] == [(16, 16, 16), (8, 8, 24), (4, 4, 40), (2, 2, 112), (1, 1, 1280)]
+
+
+def test_b1_eval_numerically():
+    # B1 is B0 with depth x1.1 (one more block in five stages: the rounding of repeats is where
+    # a table can go wrong); eval only, on a small odd-sized input, to keep the compile short.
+    tm = zc.randomize(torchvision.models.efficientnet_b1(num_classes=5), seed=2)
+    jm = torch_bridge.from_torch(tm)
+    assert sum(len(s) for s in tm.features[1:-1]) == 23  # B0: 16 MBConv blocks
+    zc.check_eval(tm, jm, _x((1, 3, 67, 45), seed=3))
 
 
 @pytest.mark.parametrize("variant", [f"efficientnet_b{i}" for i in range(1, 8)])
