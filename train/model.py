@@ -35,8 +35,13 @@ DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "
                      "momentum", "eps"}
 
 
+def precision_dtype(precision: str) -> Any:
+    """The compute dtype of a ``--precision`` value (None: the parameters' float32)."""
+    return jnp.bfloat16 if precision == "bfloat16" else None
+
+
 def compute_dtype(cfg: ModelConfig) -> Any:
-    return jnp.bfloat16 if cfg.precision == "bfloat16" else None
+    return precision_dtype(cfg.precision)
 
 
 def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -85,8 +90,7 @@ _JITTED: dict[Callable[..., Any], Any] = {}
 
 def _init_dscnet(num_classes: int, arch: tuple[tuple[str, Any], ...], momentum: float, precision: str, impl: str,
                  seed: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
-    dtype = jnp.bfloat16 if precision == "bfloat16" else None
-    return nnx.split(DSCNet(num_classes, momentum=momentum, dtype=dtype, impl=impl,
+    return nnx.split(DSCNet(num_classes, momentum=momentum, dtype=precision_dtype(precision), impl=impl,
                             rngs=nnx.Rngs(params=jax.random.key(seed)), **dict(arch)))
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from train.config import ConfigError, ModelConfig
-from train.model import compiled_init
+from train.model import compiled_init, precision_dtype
 
 DSCNET_NAMES = ("dscnet", "jaxdsc:dscnet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -129,8 +129,7 @@ def _init_zoo(name: str, kwargs_json: str, impl: str, precision: str, seed: jax.
     from jaxdsc.models import create
 
     rngs = nnx.Rngs(params=jax.random.key(seed), dropout=jax.random.key(seed + 1))
-    dtype = jnp.bfloat16 if precision == "bfloat16" else None
-    return nnx.split(create(name, rngs=rngs, impl=impl, dtype=dtype, **json.loads(kwargs_json)))
+    return nnx.split(create(name, rngs=rngs, impl=impl, dtype=precision_dtype(precision), **json.loads(kwargs_json)))
 
 
 def build(cfg: ModelConfig, seed: int) -> nnx.Module:
