@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 import scipy.io
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torch_bridge
 from train import cli
@@ -99,3 +101,55 @@ def test_sequence_presets_and_their_dense_references(task):
     n_sep, n_dense = params(sep), params(dense)
     assert n_sep <= PAPER_PARAMS[task]
     assert 0.85 < n_dense / n_sep < 1.3, (n_sep, n_dense)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 10.0), max_size=30))
+def test_plateau_rule_is_locuslab_music_test(valid):
+    """``plateau_decays`` after each epoch decays exactly where locuslab/TCN music_test.py's loop does
+    (``if ep > 10 and vloss > max(vloss_list[-3:])``, ep counted from 1)."""
+    from train.optim import plateau_decays
+
+    history, expected = [], []
+    for ep, vloss in enumerate(valid, start=1):
+        expected.append(ep > 10 and vloss > max(history[-3:]))
+        history.append(vloss)
+    assert [plateau_decays(valid[:i]) for i in range(1, len(valid) + 1)] == expected
+
+
+def test_plateau_schedule_lowers_the_rate_and_resumes_at_it(tmp_path, monkeypatch, capsys):
+    """A decay after epoch 2 (the rule forced there) trains epochs 3-4 at lr / 10; rerunning from the
+    epoch-2 checkpoint reproduces them bit for bit: the factor lives in the optimizer state."""
+    import shutil
+
+    from train import optim
+
+    monkeypatch.setattr(optim, "plateau_decays", lambda valid: len(valid) == 2)
+    _mat(tmp_path / "JSB_Chorales.mat")
+    run = tmp_path / "run"
+    args = ["--preset", "music-jsb", *TINY, "--epochs", "4", "--schedule", "plateau", "--lr", "0.01",
+            "--data-dir", str(tmp_path), "--workdir", str(run), "--keep-checkpoints", "4"]
+    assert cli.main(args) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([0.01, 0.01, 0.001, 0.001], rel=1e-6)
+    steps_per_epoch = records[0]["step"]
+    for ckpt in sorted((run / "checkpoints").glob("step_*")):
+        if int(ckpt.name.removeprefix("step_")) > 2 * steps_per_epoch:
+            shutil.rmtree(ckpt)
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert f"resuming at step {2 * steps_per_epoch}" in capsys.readouterr().out
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train_seconds", "sequences_per_second")}  # noqa: E731
+                        for r in rs]
+    assert strip(again) == strip(records)
+
+
+@pytest.mark.parametrize("extra", [["--preset", "adding"], ["--preset", "music-jsb", "--eval-every", "2"],
+                                   ["--preset", "cifar10-cpu"]])
+def test_plateau_schedule_needs_a_validation_split_every_epoch(extra, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse([*extra, "--schedule", "plateau"])
+    assert e.value.code == 2
+    assert "--schedule plateau reads the validation loss of every epoch" in capsys.readouterr().err

@@ -39,6 +39,7 @@ CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
 TASKS = ("cifar10", "shapes-seg", "adding", "copy", "music-jsb", "music-nottingham")
 SEQ_TASKS = ("adding", "copy", "music-jsb", "music-nottingham")
+MUSIC_TASKS = ("music-jsb", "music-nottingham")  # the sequence tasks with a validation split
 SEG_MODELS = ("jaxdsc:deeplabv3plus", "jaxdsc:unet")
 DEFAULT_WIDTH = 32
 SHAPES_SEG_CLASSES = 5  # train.seg_data.NUM_CLASSES (checked by a test; config imports no data code)
@@ -116,8 +117,10 @@ class OptimConfig:
     weight_decay: float = _f(5e-4, "decoupled weight decay: each step multiplies kernels by (1 - lr * wd); "
                                    "never norms/biases")
     label_smoothing: float = _f(0.1, "label smoothing (0.1: the usual value, helps short schedules)")
-    schedule: Literal["cosine", "onecycle", "constant"] = _f(
-        "onecycle", "cosine: linear warmup then cosine to 0; onecycle: linear up then linear down (airbench)")
+    schedule: Literal["cosine", "onecycle", "constant", "plateau"] = _f(
+        "onecycle", "cosine: linear warmup then cosine to 0; onecycle: linear up then linear down (airbench); "
+                    "plateau: constant, divided by 10 after each epoch (from the 11th) whose validation loss "
+                    "exceeds the previous 3 epochs' (locuslab/TCN's music rule; music tasks)")
     warmup_epochs: float = _f(1.0, "warmup length (cosine) / rise length (onecycle), in epochs")
     epochs: int = _f(10, "training epochs (the schedule length)")
     batch_size: int = _f(256, "global batch size (split over all devices); the last partial batch is dropped")
@@ -255,6 +258,10 @@ def validate(cfg: Config) -> Config:
     if len(m.strides) != 3 or min(m.strides) < 1 or not m.dilations or min(m.dilations) < 1:
         raise ConfigError(f"--strides must be 3 positive ints and --dilations one or more, got {m.strides}, "
                           f"{m.dilations}")
+    if o.schedule == "plateau" and (d.task not in MUSIC_TASKS or r.eval_every != 1):
+        raise ConfigError(f"--schedule plateau reads the validation loss of every epoch: it needs a task with a "
+                          f"validation split ({', '.join(MUSIC_TASKS)}) and --eval-every 1, got --task {d.task} "
+                          f"--eval-every {r.eval_every}")
     if r.tta != "none" and d.task != "cifar10":
         raise ConfigError(f"--tta {r.tta} is for --task cifar10 (image classification), got --task {d.task}")
     if m.model == "tcn" and (not m.channels or min(m.channels) < 1 or m.kernel_size < 1 or d.seq_length < 0

@@ -1,4 +1,4 @@
-"""Optimizers and schedules (optax): SGD-Nesterov / AdamW, warmup+cosine / one-cycle.
+"""Optimizers and schedules (optax): SGD-Nesterov / AdamW, warmup+cosine / one-cycle / plateau decay.
 
 The update of every trainable parameter is
 
@@ -78,7 +78,7 @@ def schedule(cfg: OptimConfig, peak: float, steps_per_epoch: int) -> Schedule:
     """Learning rate as a function of the optimizer step."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
-    if cfg.schedule == "constant":
+    if cfg.schedule in ("constant", "plateau"):  # plateau's decays scale the updates (:func:`with_lr_factor`)
         return optax.constant_schedule(peak)
     if cfg.schedule == "cosine":
         # Starts at 0 (not peak/25): the first steps on fresh BN statistics are the fragile ones.
@@ -124,4 +124,34 @@ def make_optimizer(cfg: OptimConfig, params: Any, steps_per_epoch: int, head: Se
         keep = {"frozen": optax.set_to_zero(), "body": optax.identity(), "head": optax.identity()}
         parts += [optax.multi_transform(keep, tree_labels), optax.clip_by_global_norm(cfg.grad_clip)]
     parts.append(optax.multi_transform(transforms, tree_labels))
+    if cfg.schedule == "plateau":
+        # Last in the chain, so its state is opt_state[-1]: a factor the host lowers between epochs, saved
+        # with the optimizer state (an exact resume needs no other record of the decays).
+        parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
     return optax.chain(*parts), body_lr
+
+
+# locuslab/TCN music_test.py: from epoch 11 on, an epoch whose validation loss exceeds the largest of the
+# previous 3 divides the learning rate by 10 (again each time it happens).
+PLATEAU_AFTER, PLATEAU_WINDOW, PLATEAU_FACTOR = 10, 3, 0.1
+
+
+def plateau_decays(valid_losses: Sequence[float]) -> bool:
+    """Whether the ``plateau`` rule lowers the learning rate after the newest of ``valid_losses``
+    (one per epoch, oldest first)."""
+    if len(valid_losses) <= max(PLATEAU_AFTER, PLATEAU_WINDOW):
+        return False
+    return valid_losses[-1] > max(valid_losses[-1 - PLATEAU_WINDOW:-1])
+
+
+def lr_factor(opt_state: Any) -> float:
+    """The ``plateau`` schedule's current multiplier of the learning rate (1.0 before any decay)."""
+    return float(opt_state[-1].hyperparams["step_size"])
+
+
+def with_lr_factor(opt_state: Any, factor: float) -> Any:
+    """``opt_state`` of a ``plateau`` optimizer with its learning-rate multiplier set to ``factor``."""
+    last = opt_state[-1]
+    size = last.hyperparams["step_size"]
+    hyper = {**last.hyperparams, "step_size": jax.numpy.asarray(factor, size.dtype)}
+    return (*opt_state[:-1], last._replace(hyperparams=hyper))

@@ -35,12 +35,11 @@ import optax
 from flax import nnx
 
 from jaxdsc.models import TCN
-from train import malloc, seq_data, seq_metrics, steps
+from train import malloc, optim, seq_data, seq_metrics, steps
 from train.checkpointing import Checkpointer
 from train.config import Config, ModelConfig, validate
 from train.feed import epoch_order
 from train.loop import TrainingError, _signal_exit, _Signals
-from train.optim import make_optimizer
 from train.workdir import append_jsonl, check_config, truncate_metrics, write_text
 
 
@@ -109,7 +108,7 @@ class SeqTrainer:
         self.graph, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-        self.tx, self.lr_fn = make_optimizer(cfg.optim, params, self.steps_per_epoch)
+        self.tx, self.lr_fn = optim.make_optimizer(cfg.optim, params, self.steps_per_epoch)
         init = functools.partial(steps.init_state, tx=self.tx, seed=cfg.run.seed, ema=False)
         self.state = jax.jit(init)(params, {}, rest)
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
@@ -227,6 +226,8 @@ class SeqTrainer:
         if "valid" in self.eval_sets:
             rec["valid_loss"] = self.evaluate("valid")
         rec["test_loss"] = self.evaluate("test")
+        if self.cfg.optim.schedule == "plateau":
+            rec["lr"] = self.cfg.optim.lr * optim.lr_factor(self.state.opt_state)  # the rate this epoch trained at
         rec.update(train_seconds=round(self.meta["train_seconds"], 3),
                    sequences_per_second=round(self.meta.get("sequences_per_second", 0.0), 2),
                    skipped_steps=int(self.state.skipped))
@@ -236,6 +237,12 @@ class SeqTrainer:
         print(f"\repoch {epoch + 1:3d}/{self.cfg.optim.epochs}  train {train_loss:.5g}{valid}  test "
               f"{rec['test_loss']:.5g}  {rec['sequences_per_second']:.1f} seq/s  {rec['train_seconds']:.1f}s",
               flush=True)
+        if self.cfg.optim.schedule == "plateau" and optim.plateau_decays([r["valid_loss"] for r in self.records]):
+            # Set before the epoch's checkpoint is written, so a resumed run continues at the lowered rate.
+            factor = optim.lr_factor(self.state.opt_state) * optim.PLATEAU_FACTOR
+            self.state = self.state.replace(opt_state=optim.with_lr_factor(self.state.opt_state, factor))
+            print(f"\rvalidation loss rose above the last {optim.PLATEAU_WINDOW} epochs': lr -> "
+                  f"{self.cfg.optim.lr * factor:.3g}", flush=True)
 
     def final_model(self) -> TCN:
         model = self._model(*steps.to_host((self.state.params, self.state.consts)))
