@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from train.config import ConfigError, OptimConfig
@@ -153,5 +154,5 @@ def with_lr_factor(opt_state: Any, factor: float) -> Any:
     """``opt_state`` of a ``plateau`` optimizer with its learning-rate multiplier set to ``factor``."""
     last = opt_state[-1]
     size = last.hyperparams["step_size"]
-    hyper = {**last.hyperparams, "step_size": jax.numpy.asarray(factor, size.dtype)}
+    hyper = {**last.hyperparams, "step_size": jnp.asarray(factor, size.dtype)}
     return (*opt_state[:-1], last._replace(hyperparams=hyper))
