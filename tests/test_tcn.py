@@ -234,3 +234,33 @@ def test_plain_torch_weight_normed_conv1d_loads_the_tensors():
     with torch.no_grad():  # causal = left-pad (k-1)*d, then a VALID conv
         yt = plain(torch.nn.functional.pad(torch.from_numpy(to_nchw(x)), (4, 0))).numpy()
     assert_close(np.asarray(j(jnp.asarray(x))), to_nhwc(yt), RTOL32)
+
+
+@pytest.mark.parametrize("name,t", [("separable", 37), ("dense-gated-nown", 40), ("separable-stem", 1),
+                                    ("dense", 9)])
+def test_last_is_the_full_forwards_last_step(name, t):
+    """TCN.last (level i on every 2**i-th step) equals the full forward's last step, with its gradients,
+    and the twin's ``last`` equals both.
+
+    ``t`` covers lengths whose last step is not on every level's grid from step 0 (37, 9), one shorter
+    than the coarsest grid spacing 4 (1) and one a multiple of it (40). Tolerance RTOL32 (forward) and
+    1e-4 (gradients, as the parity test): the same products, summed by kernels of other lengths.
+    """
+    m = make(seed=6, **CONFIGS[name])
+    xn = x_input(t=t, seed=7)
+    x = jnp.asarray(xn)
+    full = nnx.jit(lambda mm, xx: mm(xx)[:, -1])(m, x)
+    last = nnx.jit(lambda mm, xx: mm.last(xx))(m, x)
+    assert last.shape == (2, 3)
+    assert_close(last, full, RTOL32, f"{name} T={t} last")
+    g_full = nnx.jit(nnx.grad(lambda mm, xx: jnp.sum(jnp.sin(mm(xx)[:, -1]))))(m, x)
+    g_last = nnx.jit(nnx.grad(lambda mm, xx: jnp.sum(jnp.sin(mm.last(xx)))))(m, x)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(g_last)), nnx.to_flat_state(nnx.state(g_full)),
+                                 strict=True):
+        assert_close(a[...], b[...], 1e-4, f"{name} T={t} grad {path}")
+    twin = torch_bridge.to_torch(m).eval()
+    with torch.no_grad():
+        xt = torch.from_numpy(to_nchw(xn))
+        yt = twin.last(xt).numpy()
+        assert_close(yt, twin(xt)[:, :, -1].numpy(), RTOL32, f"{name} T={t} twin last")
+    assert_close(yt, full, RTOL32, f"{name} T={t} twin vs JAX")

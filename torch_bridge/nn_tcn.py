@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from jaxdsc import _checks
-from torch_bridge.nn import Conv, DepthwiseConv, PointwiseConv
+from torch_bridge.nn import Conv, DepthwiseConv, PointwiseConv, conv_nd
 
 # As jaxdsc.models.tcn: convs keep PyTorch's default init (what locuslab/TCN effectively runs, its
 # N(0, 0.01) draw being overwritten by weight_norm's hook); the downsample and linear weights N(0, 0.01).
@@ -86,10 +86,16 @@ class CausalConv(nn.Module):
             self.depthwise = self.pointwise = None
             self.conv = conv_cls(in_channels, out_channels, k, padding="CAUSAL", dilation=d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dilation: int | None = None) -> torch.Tensor:
+        """``dilation`` overrides the layer's (causal padding ``(k - 1) * dilation``), as the JAX layer's."""
+        if dilation is None:
+            return self.conv(x) if self.conv is not None else self.pointwise(self.depthwise(x))
+        pad = (((self.kernel_size - 1) * dilation, 0),)
         if self.conv is not None:
-            return self.conv(x)
-        return self.pointwise(self.depthwise(x))
+            return conv_nd(x, self.conv.weight, self.conv.bias, padding=pad, stride=(1,), dilation=(dilation,))
+        dw = self.depthwise
+        h = conv_nd(x, dw.weight, dw.bias, padding=pad, stride=(1,), dilation=(dilation,), groups=self.in_channels)
+        return self.pointwise(h)
 
 
 class TemporalBlock(nn.Module):
@@ -118,9 +124,9 @@ class TemporalBlock(nn.Module):
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         return F.glu(h, dim=1) if self.gated else F.relu(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(self._act(self.conv1(x)), self.dropout, self.training)
-        h = F.dropout(self._act(self.conv2(h)), self.dropout, self.training)
+    def forward(self, x: torch.Tensor, dilation: int | None = None) -> torch.Tensor:
+        h = F.dropout(self._act(self.conv1(x, dilation)), self.dropout, self.training)
+        h = F.dropout(self._act(self.conv2(h, dilation)), self.dropout, self.training)
         res = x if self.downsample is None else self.downsample(x)
         return F.relu(h + res)
 
@@ -166,13 +172,28 @@ class TCN(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.linear.weight, 0.0, _LINEAR_STD)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (N, {self.in_channels}, T) (channels first), got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
         h = x
         for block in self.blocks:
             h = block(h)
         return self.linear(h.transpose(1, 2)).transpose(1, 2)
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)[:, :, -1]`` ``(N, out_channels)``: level ``i`` on every ``2**i``-th step only, as
+        ``jaxdsc.models.TCN.last``."""
+        self._check(x)
+        h, spacing = x, 1
+        for block in self.blocks:
+            r = block.dilation // spacing
+            h = h[:, :, (h.shape[2] - 1) % r::r]
+            spacing = block.dilation
+            h = block(h, 1)
+        return self.linear(h[:, :, -1])

@@ -28,9 +28,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdsc import _checks
-from jaxdsc._types import Dtype
-from jaxdsc.conv import Conv, DepthwiseConv, PointwiseConv
+from jaxdsc._types import Dtype, check_float_input
+from jaxdsc.conv import Conv, DepthwiseConv, PointwiseConv, _compute_dtype
 from jaxdsc.models._registry import register_model
+from jaxdsc.ops._select import op_impl
+from jaxdsc.ops.dense import dense_conv
 from jaxdsc.ops.separable import separable_conv
 
 Cache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -171,16 +173,29 @@ class CausalConv(nnx.Module):
         """Past inputs one output reads besides the current one: ``(k - 1) * d``."""
         return (self.kernel_size - 1) * self.dilation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, dilation: int | None = None) -> jax.Array:
+        """``dilation`` overrides the layer's (causal padding ``(k - 1) * dilation``): :meth:`TCN.last`
+        runs a conv of dilation ``d`` as dilation 1 on every ``d``-th time step."""
+        if dilation is None:
+            if self.conv is not None:
+                return self.conv(x)
+            dilation = self.dilation
+        pairs = (((self.kernel_size - 1) * dilation, 0),)
         if self.conv is not None:
-            return self.conv(x)
+            c = self.conv
+            check_float_input(x)  # Conv.__call__'s checks and dtype rule, at another dilation
+            _checks.input_layout(x.shape, rank=1, channels=self.in_features, channels_last=True)
+            dtype = _compute_dtype(c.dtype, x, c.kernel[...], c.bias[...])
+            y = dense_conv(x.astype(dtype), c._kernel().astype(dtype), strides=(1,), padding=pairs,
+                           dilation=(dilation,), precision=c.precision, impl=op_impl("dense", c.impl))
+            return y + c.bias[...].astype(dtype)
         dw, pw = self.depthwise, self.pointwise
-        x, pairs, dtype = dw._prepare(x, pw.kernel[...])
+        x, _, dtype = dw._prepare(x, pw.kernel[...])
         # One op: its forward is fused on CPU (jaxdsc.ops.separable), as SeparableConv does.
         return separable_conv(
             x.astype(dtype), dw._kernel().astype(dtype), pw._kernel().astype(dtype),
             dw.bias[...].astype(dtype), pw.bias[...].astype(dtype), strides=dw.strides,
-            padding=pairs, dilation=dw.kernel_dilation, impl=dw.impl, precision=dw.precision,
+            padding=pairs, dilation=(dilation,), impl=dw.impl, precision=dw.precision,
         )
 
     def init_cache(self, batch: int, dtype: Dtype = jnp.float32) -> jax.Array:
@@ -261,11 +276,11 @@ class TemporalBlock(nnx.Module):
         res = x if self.downsample is None else self.downsample(x)
         return jax.nn.relu(h + res)
 
-    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        """``(N, T, in) -> (N, T, out)``; dropout only with a ``key``."""
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None, dilation: int | None = None) -> jax.Array:
+        """``(N, T, in) -> (N, T, out)``; dropout only with a ``key``; ``dilation`` overrides the convs'."""
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        h = _dropout(self._act(self.conv1(x)), self.dropout, k1)
-        h = _dropout(self._act(self.conv2(h)), self.dropout, k2)
+        h = _dropout(self._act(self.conv1(x, dilation=dilation)), self.dropout, k1)
+        h = _dropout(self._act(self.conv2(h, dilation=dilation)), self.dropout, k2)
         return self._merge(x, h)
 
     def step(self, queues: tuple[jax.Array, jax.Array], x_t: jax.Array):
@@ -353,6 +368,27 @@ class TCN(nnx.Module):
         for block, k in zip(self.blocks, keys, strict=True):
             h = block(h, key=k)
         return self.linear(h)
+
+    def last(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """The output at the last time step, ``self(x)[:, -1]`` ``(N, out_features)``, at a fraction of the work.
+
+        The last output reads level ``i`` only at the steps ``T - 1 - m * 2**i``,
+        so level ``i`` runs on every ``2**i``-th step, where its dilation-``2**i``
+        convs are dilation-1 convs: level ``i`` costs ``1 / 2**i`` of the full
+        forward's, the whole network about ``2 / len(channels)`` of it. The same
+        function and gradients as the full forward (sequence-to-one tasks, e.g.
+        the adding problem); dropout draws its masks for the steps computed only.
+        """
+        if key is not None and self.deterministic:
+            key = None
+        keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
+        h, spacing = x, 1  # h holds the steps T - 1 - m * spacing, oldest first
+        for block, k in zip(self.blocks, keys, strict=True):
+            r = block.dilation // spacing
+            h = h[:, (h.shape[1] - 1) % r::r]
+            spacing = block.dilation
+            h = block(h, key=k, dilation=1)
+        return self.linear(h[:, -1])
 
     def init_cache(self, batch: int, dtype: Dtype = jnp.float32) -> Cache:
         """Zeroed streaming state for ``batch`` sequences (as the causal zero padding)."""
