@@ -56,9 +56,9 @@ PRESET_LENGTH = {"adding": 600, "copy": 1020, "music-jsb": 104, "music-nottingha
 
 
 def _case(t: int, kind: str, fin: int, fout: int, channels: list[int], k: int, batch: int,
-          label: str = "", dense_stem: bool = False) -> dict:
+          label: str = "", dense_stem: bool = False, last: bool = False) -> dict:
     return {"T": t, "kind": kind, "fin": fin, "fout": fout, "channels": channels, "k": k, "batch": batch,
-            "label": label, "dense_stem": dense_stem}
+            "label": label, "dense_stem": dense_stem, "last": last}
 
 
 def _cases(args: argparse.Namespace) -> list[dict]:
@@ -77,7 +77,9 @@ def _cases(args: argparse.Namespace) -> list[dict]:
             cfg = PRESETS[label]
             cases.append(_case(PRESET_LENGTH[name], "separable" if cfg.model.separable else "dense",
                                *task_features(cfg.data.task), list(cfg.model.channels), cfg.model.kernel_size,
-                               cfg.optim.batch_size, label, cfg.model.dense_stem))
+                               cfg.optim.batch_size, label, cfg.model.dense_stem,
+                               # as the trainer: the adding loss reads the last step only (TCN.last, both sides)
+                               last=cfg.data.task == "adding"))
     return cases
 
 
@@ -87,19 +89,23 @@ def _models(case: dict) -> tuple[TCN, torch.nn.Module]:
     return m, torch_bridge.to_torch(m)
 
 
-def _jax_fns(model: TCN, x: np.ndarray, lr: float):
+def _jax_fns(model: TCN, x: np.ndarray, lr: float, last: bool = False):
     graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply(p, xx):
+        m = nnx.merge(graph, p, rest)
+        return m.last(xx) if last else m(xx)
     tx = optax.sgd(lr)
     xj = jnp.asarray(x)
 
     @jax.jit
     def forward(params, xx):
-        return nnx.merge(graph, params, rest)(xx)
+        return apply(params, xx)
 
     @jax.jit
     def step(params, opt_state, xx):
         def loss_fn(p):
-            return jnp.mean(jnp.square(nnx.merge(graph, p, rest)(xx)))
+            return jnp.mean(jnp.square(apply(p, xx)))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -116,25 +122,26 @@ def _jax_fns(model: TCN, x: np.ndarray, lr: float):
         jax.tree.map(jnp.array, params), tx.init(params), xj)[2]
 
 
-def _torch_fns(twin: torch.nn.Module, x: np.ndarray, lr: float):
+def _torch_fns(twin: torch.nn.Module, x: np.ndarray, lr: float, last: bool = False):
     xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
     ref = torch_bridge.to_torch(torch_bridge.from_torch(twin)).eval()  # a frozen copy for the forward
     opt = torch.optim.SGD(twin.parameters(), lr=lr)
+    fwd, twin_fwd = (ref.last, twin.last) if last else (ref, twin)
 
     def forward():
         with torch.no_grad():
-            return ref(xt)
+            return fwd(xt)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = twin(xt).square().mean()
+        loss = twin_fwd(xt).square().mean()
         loss.backward()
         opt.step()
         return loss
 
     with torch.no_grad():
-        y = np.moveaxis(ref(xt).numpy(), 1, -1)
-        first_loss = float(twin(xt).square().mean())
+        y = fwd(xt).numpy() if last else np.moveaxis(ref(xt).numpy(), 1, -1)
+        first_loss = float(twin_fwd(xt).square().mean())
     return forward, step, y, first_loss
 
 
@@ -168,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         t, kind = case["T"], case["kind"]
         x = np.random.default_rng(t).standard_normal((case["batch"], t, case["fin"])).astype(np.float32)
         model, twin = _models(case)
-        jf, js, jy, jloss = _jax_fns(model, x, lr)
-        tf, ts, ty, tloss = _torch_fns(twin, x, lr)
+        jf, js, jy, jloss = _jax_fns(model, x, lr, case["last"])
+        tf, ts, ty, tloss = _torch_fns(twin, x, lr, case["last"])
         err = float(np.abs(np.asarray(jy) - ty).max() / max(np.abs(ty).max(), 1e-30))
         if err > 1e-4 or abs(float(jloss) - tloss) > 1e-4 * max(abs(tloss), 1e-30):
             raise SystemExit(f"T={t} {kind}: JAX and torch disagree (rel err {err:.2e}, "
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.also_policy:
             # Traced and run under the policy (part of jit's cache key: every call inside it).
             with impl_policy(args.also_policy):
-                pf, ps, py, _ = _jax_fns(model, x, lr)
+                pf, ps, py, _ = _jax_fns(model, x, lr, case["last"])
             if float(np.abs(np.asarray(py) - ty).max()) > 1e-4 * max(np.abs(ty).max(), 1e-30):
                 raise SystemExit(f"T={t} {kind}: policy {args.also_policy} disagrees with torch")
             extra = {"forward": pf, "step": ps}

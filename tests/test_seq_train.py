@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_bridge
-from train import cli
+from train import cli, seq_data
 
 TINY = ["--channels", "4", "4", "--kernel-size", "2", "--epochs", "2", "--batch-size", "8", "--no-progress",
         "--no-plot"]
@@ -55,6 +56,14 @@ def test_task_runs_resumes_and_exports(task, tmp_path):
         assert summary["test_metric"] == best["test_loss"]
     model = torch_bridge.load(export, framework="jax")
     assert model.channels == (4, 4)
+    if task == "adding":
+        # The trainer computes the last step alone (TCN.last); the exported twin's full forward scores the same.
+        gen = seq_data.generate("adding", n_train=32, n_test=16, length=12, seed=0)
+        twin = torch_bridge.load(export, framework="torch").eval()
+        with torch.no_grad():
+            pred = twin(torch.from_numpy(np.ascontiguousarray(gen.test_x.transpose(0, 2, 1))))[:, 0, -1].numpy()
+        mse = float(np.mean((pred - gen.test_y) ** 2))
+        assert abs(mse - summary["test_metric"]) <= 1e-5 * mse, (mse, summary["test_metric"])
     # rerun: resumes from the final checkpoint, trains nothing, same records
     assert cli.main(args) == 0
     again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
