@@ -264,3 +264,7 @@ def test_last_is_the_full_forwards_last_step(name, t):
         yt = twin.last(xt).numpy()
         assert_close(yt, twin(xt)[:, :, -1].numpy(), RTOL32, f"{name} T={t} twin last")
     assert_close(yt, full, RTOL32, f"{name} T={t} twin vs JAX")
+    with pytest.raises(ValueError, match="T >= 1"):
+        m.last(x[:, :0])
+    with pytest.raises(ValueError, match="T >= 1"):
+        twin.last(xt[:, :, :0])

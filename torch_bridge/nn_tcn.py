@@ -172,10 +172,12 @@ class TCN(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.linear.weight, 0.0, _LINEAR_STD)
 
-    def _check(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.in_channels:
+    def _check(self, x: torch.Tensor, min_length: int = 0) -> None:
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.in_channels
+                or x.shape[2] < min_length):
             raise ValueError(
-                f"x must have shape (N, {self.in_channels}, T) (channels first), got "
+                f"x must have shape (N, {self.in_channels}, T{f' >= {min_length}' if min_length else ''}) "
+                f"(channels first), got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
 
@@ -189,7 +191,7 @@ class TCN(nn.Module):
     def last(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)[:, :, -1]`` ``(N, out_channels)``: level ``i`` on every ``2**i``-th step only, as
         ``jaxdsc.models.TCN.last``."""
-        self._check(x)
+        self._check(x, min_length=1)
         h, spacing = x, 1
         for block in self.blocks:
             r = block.dilation // spacing

@@ -15,7 +15,8 @@ comparison: each conv produces twice the channels and a gated linear unit
 
 Everything is channels-last, ``(N, T, C)``. :meth:`TCN.init_cache` and
 :meth:`TCN.step` run the same network one time step at a time (WaveNet-style
-queues holding each conv's last ``(k - 1) * d`` inputs).
+queues holding each conv's last ``(k - 1) * d`` inputs); :meth:`TCN.last`
+computes the last step's output alone (sequence-to-one tasks).
 """
 
 from __future__ import annotations
@@ -379,6 +380,8 @@ class TCN(nnx.Module):
         function and gradients as the full forward (sequence-to-one tasks, e.g.
         the adding problem); dropout draws its masks for the steps computed only.
         """
+        if x.ndim != 3 or x.shape[1] < 1 or x.shape[2] != self.in_features:
+            raise ValueError(f"x must have shape (N, T >= 1, {self.in_features}), got {tuple(x.shape)}")
         if key is not None and self.deterministic:
             key = None
         keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
