@@ -88,8 +88,7 @@ class CausalConv(nn.Module):
 
     def forward(self, x: torch.Tensor, dilation: int | None = None) -> torch.Tensor:
         """``dilation`` overrides the layer's (causal padding ``(k - 1) * dilation``), as the JAX layer's."""
-        if dilation is None:
-            return self.conv(x) if self.conv is not None else self.pointwise(self.depthwise(x))
+        dilation = self.dilation if dilation is None else dilation
         pad = (((self.kernel_size - 1) * dilation, 0),)
         if self.conv is not None:
             return conv_nd(x, self.conv.weight, self.conv.bias, padding=pad, stride=(1,), dilation=(dilation,))

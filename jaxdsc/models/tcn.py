@@ -177,14 +177,11 @@ class CausalConv(nnx.Module):
     def __call__(self, x: jax.Array, *, dilation: int | None = None) -> jax.Array:
         """``dilation`` overrides the layer's (causal padding ``(k - 1) * dilation``): :meth:`TCN.last`
         runs a conv of dilation ``d`` as dilation 1 on every ``d``-th time step."""
-        if dilation is None:
-            if self.conv is not None:
-                return self.conv(x)
-            dilation = self.dilation
+        dilation = self.dilation if dilation is None else dilation
         pairs = (((self.kernel_size - 1) * dilation, 0),)
         if self.conv is not None:
             c = self.conv
-            check_float_input(x)  # Conv.__call__'s checks and dtype rule, at another dilation
+            check_float_input(x)  # Conv.__call__'s checks and dtype rule, at any dilation
             _checks.input_layout(x.shape, rank=1, channels=self.in_features, channels_last=True)
             dtype = _compute_dtype(c.dtype, x, c.kernel[...], c.bias[...])
             y = dense_conv(x.astype(dtype), c._kernel().astype(dtype), strides=(1,), padding=pairs,
@@ -356,15 +353,19 @@ class TCN(nnx.Module):
                                  kernel_init=nnx.initializers.normal(_LINEAR_STD),
                                  bias_init=_torch_default_bias(self.channels[-1]), rngs=rngs)
 
+    def _block_keys(self, key: jax.Array | None) -> list[jax.Array | None]:
+        """One dropout key per block (none in eval mode or without ``key``)."""
+        if key is None or self.deterministic:
+            return [None] * len(self.blocks)
+        return list(jax.random.split(key, len(self.blocks)))
+
     @property
     def receptive_field(self) -> int:
         return 1 + 2 * (self.kernel_size - 1) * (2 ** len(self.channels) - 1)
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """Outputs ``(N, T, out_features)``; ``key`` drives dropout in train mode (none without it)."""
-        if key is not None and self.deterministic:
-            key = None
-        keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
+        keys = self._block_keys(key)
         h = x
         for block, k in zip(self.blocks, keys, strict=True):
             h = block(h, key=k)
@@ -382,9 +383,7 @@ class TCN(nnx.Module):
         """
         if x.ndim != 3 or x.shape[1] < 1 or x.shape[2] != self.in_features:
             raise ValueError(f"x must have shape (N, T >= 1, {self.in_features}), got {tuple(x.shape)}")
-        if key is not None and self.deterministic:
-            key = None
-        keys = [None] * len(self.blocks) if key is None else list(jax.random.split(key, len(self.blocks)))
+        keys = self._block_keys(key)
         h, spacing = x, 1  # h holds the steps T - 1 - m * spacing, oldest first
         for block, k in zip(self.blocks, keys, strict=True):
             r = block.dilation // spacing
