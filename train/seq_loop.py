@@ -14,6 +14,10 @@ and SIGTERM/SIGINT handling at step boundaries. Model: :class:`jaxdsc.models.TCN
   mask to one of a few lengths (32, 48, 72, ... growing by sqrt(2)). The reported ``test_metric`` is the test
   NLL at the epoch with the best validation NLL, as the paper reports it.
 
+With ``--ema-decay`` the run keeps an exponential moving average of the weights
+(:func:`train.steps.apply_update`, as the CIFAR-10 loop); it is what every
+evaluation scores and what ``--export-torch`` writes.
+
 Step ``k`` uses the batch ``epoch_order(seed, epoch)[pos]`` and dropout key
 ``fold_in(key, k)``, so a resumed run sees the same data and keys.
 """
@@ -32,7 +36,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxdsc.models import TCN
@@ -115,7 +118,7 @@ class SeqTrainer:
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
         self.tx, self.lr_fn = optim.make_optimizer(cfg.optim, params, self.steps_per_epoch)
-        init = functools.partial(steps.init_state, tx=self.tx, seed=cfg.run.seed, ema=False)
+        init = functools.partial(steps.init_state, tx=self.tx, seed=cfg.run.seed, ema=cfg.optim.ema_decay > 0)
         self.state = jax.jit(init)(params, {}, rest)
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step)
@@ -136,16 +139,16 @@ class SeqTrainer:
             return _loss(self.task, out, batch)[0]
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & steps.all_finite(grads) & steps.all_finite(params)
-        new = state.replace(params=params, opt_state=opt_state)
-        new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-        new = new.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
+        new, finite = steps.apply_update(state, self.tx, loss, grads, state.batch_stats, self.cfg.optim.ema_decay)
         return new, {"loss": loss, "finite": finite.astype(jnp.int32)}
 
+    @staticmethod
+    def _eval_params(state: steps.TrainState) -> Any:
+        """The weights evaluated and exported: the EMA's when the run keeps one (``--ema-decay``)."""
+        return state.params if state.ema is None else state.ema["params"]
+
     def _eval_step(self, state: steps.TrainState, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        model = self._model(state.params, state.consts)
+        model = self._model(self._eval_params(state), state.consts)
         model.eval()
         loss, weight = _loss(self.task, _outputs(self.task, model, batch["x"]), batch)
         return loss * weight, weight
@@ -252,7 +255,7 @@ class SeqTrainer:
                   f"{self.cfg.optim.lr * factor:.3g}", flush=True)
 
     def final_model(self) -> TCN:
-        model = self._model(*steps.to_host((self.state.params, self.state.consts)))
+        model = self._model(*steps.to_host((self._eval_params(self.state), self.state.consts)))
         model.eval()
         return model
 
