@@ -33,6 +33,13 @@ def _lowered(model: nnx.Module, x: jax.Array) -> str:
     return jax.jit(jax.grad(loss)).lower(nnx.to_pure_dict(params), nnx.to_pure_dict(rest), x).as_text()
 
 
+def _abstract(cls, *args, **kwargs) -> nnx.Module:
+    """``cls(*args, **kwargs)`` with abstract parameters (``nnx.eval_shape``): which kernels the lowered
+    program calls depends only on shapes, dtypes and ``impl``, and ``jax.random`` would compile one
+    initializer per parameter shape (most of this file's time otherwise)."""
+    return nnx.eval_shape(lambda: cls(*args, **kwargs, rngs=nnx.Rngs(0)))
+
+
 def _x(shape):
     return jnp.asarray(np.random.default_rng(0).uniform(size=shape), jnp.float32)
 
@@ -40,7 +47,7 @@ def _x(shape):
 @pytest.mark.parametrize("impl", ["xla", "shift"])
 def test_separable_block_xla_and_shift_have_no_native_call(impl):
     x = _x((8, 32, 32, 16))
-    assert not native_calls(_lowered(jaxdsc.SeparableBlock(16, 32, 3, impl=impl, rngs=nnx.Rngs(0)), x))
+    assert not native_calls(_lowered(_abstract(jaxdsc.SeparableBlock, 16, 32, 3, impl=impl), x))
 
 
 def test_separable_block_auto_and_native_use_every_native_kernel():
@@ -48,14 +55,14 @@ def test_separable_block_auto_and_native_use_every_native_kernel():
         pytest.skip("native library not available")
     x = _x((8, 32, 32, 16))
     for impl in ("auto", "native"):
-        calls = native_calls(_lowered(jaxdsc.SeparableBlock(16, 32, 3, impl=impl, rngs=nnx.Rngs(0)), x))
+        calls = native_calls(_lowered(_abstract(jaxdsc.SeparableBlock, 16, 32, 3, impl=impl), x))
         assert {c.split("_")[1] for c in calls} == {"dw", "pw", "bn"}, (impl, calls)
 
 
 def test_dscnet_xla_has_no_native_call_and_policy_does_the_same():
     x = _x((8, 32, 32, 3))
-    assert not native_calls(_lowered(DSCNet(width=8, depth=1, impl="xla", rngs=nnx.Rngs(0)), x))
-    auto = DSCNet(width=8, depth=1, rngs=nnx.Rngs(0))
+    assert not native_calls(_lowered(_abstract(DSCNet, width=8, depth=1, impl="xla"), x))
+    auto = _abstract(DSCNet, width=8, depth=1)
     assert bool(native_calls(_lowered(auto, x))) == HAS_NATIVE
     with impl_policy("xla"):
         assert current_policy() == "xla"
@@ -64,12 +71,12 @@ def test_dscnet_xla_has_no_native_call_and_policy_does_the_same():
 
 
 def test_module_impl_reaches_every_op():
-    m = DSCNet(width=8, depth=1, impl="xla", rngs=nnx.Rngs(0))
+    m = _abstract(DSCNet, width=8, depth=1, impl="xla")
     impls = {type(mod).__name__: mod.impl for _, mod in nnx.iter_graph(m)
              if isinstance(mod, nnx.Module) and hasattr(mod, "impl")}
     for name in ("Conv", "DepthwiseConv", "PointwiseConv", "BatchNorm"):
         assert impls[name] == "xla", (name, impls)
-    blk = jaxdsc.SeparableBlock(4, 8, 3, impl="shift", rngs=nnx.Rngs(0))
+    blk = _abstract(jaxdsc.SeparableBlock, 4, 8, 3, impl="shift")
     assert (blk.depthwise.impl, blk.pointwise.impl, blk.bn_dw.impl) == ("shift", "xla", "xla")
     assert set(IMPL_TABLE) == {"auto", "xla", "shift", "native"}
 
