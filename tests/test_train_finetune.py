@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from filelock import FileLock
 from flax import nnx
 
 import torch_bridge
@@ -28,26 +30,45 @@ def _cifar100_model(seed: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> dict[str, Path]:
+def shared(tmp_path_factory) -> Path:
+    """One directory for every xdist worker of the session: the fixtures below are built once, by the
+    first worker to get here, under a lock (each worker used to repeat the pretrained model and the
+    fine-tuning run, ~50-65 s loaded). The tests only read them."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by all workers of this session
+    return root / "finetune_shared"
+
+
+@pytest.fixture(scope="module")
+def pretrained(shared) -> dict[str, Path]:
     import torch
 
-    root = tmp_path_factory.mktemp("pretrained")
-    model = compiled_init(_cifar100_model, seed=7)  # a "CIFAR-100" model
-    paths = {"file": root / "c100.safetensors", "pt": root / "c100.pt", "data": write_cifar10(root / "d", 256, 64)}
-    torch_bridge.save(model, paths["file"])
-    torch.save(torch_bridge.to_torch(model).state_dict(), paths["pt"])
+    root = shared / "pretrained"
+    paths = {"file": root / "c100.safetensors", "pt": root / "c100.pt", "data": root / "d"}
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if not (root / "done").exists():
+            model = compiled_init(_cifar100_model, seed=7)  # a "CIFAR-100" model
+            assert write_cifar10(paths["data"], 256, 64) == paths["data"]
+            torch_bridge.save(model, paths["file"])
+            torch.save(torch_bridge.to_torch(model).state_dict(), paths["pt"])
+            (root / "done").touch()
     return paths
 
 
 @pytest.fixture(scope="module")
-def finetuned(pretrained, tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("finetune")
-    args = ["--preset", "tiny", "--data-dir", str(pretrained["data"]), "--workdir", str(workdir), "--no-progress",
-            "--no-plot", "--train-limit", "0", "--test-limit", "0", "--batch-size", "32", "--epochs", "1",
-            "--init-from", str(pretrained["file"]), "--num-classes", "10", "--freeze", "stem.*",
-            r"blocks\.0\.(depthwise|pointwise)", "--head-lr", "0.05", "--export-torch",
-            str(workdir / "out.safetensors")]
-    assert cli.main(args) == 0
+def finetuned(pretrained, shared) -> Path:
+    workdir = shared / "finetune"
+    with FileLock(str(workdir) + ".lock"):
+        if not workdir.with_name("finetune.done").exists():  # beside it: tests copy the workdir
+            args = ["--preset", "tiny", "--data-dir", str(pretrained["data"]), "--workdir", str(workdir),
+                    "--no-progress", "--no-plot", "--train-limit", "0", "--test-limit", "0", "--batch-size", "32",
+                    "--epochs", "1", "--init-from", str(pretrained["file"]), "--num-classes", "10",
+                    "--freeze", "stem.*", r"blocks\.0\.(depthwise|pointwise)", "--head-lr", "0.05",
+                    "--export-torch", str(workdir / "out.safetensors")]
+            assert cli.main(args) == 0
+            workdir.with_name("finetune.done").touch()
     return workdir
 
 
