@@ -19,11 +19,18 @@ training epoch), train step only, reporting sequences/s of both sides: the
 PyTorch reference for the training table (dropout off on both sides, SGD
 instead of the presets' Adam: the optimizer is a negligible part of a step).
 
+The allocator matters at T=4096 (activation buffers of megabytes, faulted in
+page by page on every call when glibc hands them back): run it both ways, out of
+the box and with the trainer's setting (``train.malloc``) through
+``GLIBC_TUNABLES`` (the JSON records which), on both sides alike.
+
 Before timing, forward outputs and one step's loss are compared, so both
 sides compute the same function. Reported: medians over rounds (ms), and the
 ratio jaxdsc / torch (< 1: jaxdsc faster).
 
     python benchmarks/tcn.py                                   # full (minutes; run on a quiet CPU)
+    GLIBC_TUNABLES=$NOPF2 python benchmarks/tcn.py             # the trainer's allocator setting, where
+    # NOPF2=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1
     python benchmarks/tcn.py --lengths 64 --levels 3 --rounds 2 --block-s 0.02   # smoke
     python benchmarks/tcn.py --presets adding,copy,music-jsb,music-nottingham   # the training presets
     python benchmarks/tcn.py --kinds dense --also-policy xla   # also the reference kernels, same rounds
