@@ -35,6 +35,17 @@ def _mat(path):
     scipy.io.savemat(str(path), cells)
 
 
+def _assert_twin_scores(export, test_metric):
+    """The exported twin's full forward, read at the last step, scores the trainer's adding ``test_metric``
+    (tiny set: 16 test sequences of T=12, seed 0); rel 1e-5: float32 sums in another order."""
+    gen = seq_data.generate("adding", n_train=32, n_test=16, length=12, seed=0)
+    twin = torch_bridge.load(export, framework="torch").eval()
+    with torch.no_grad():
+        pred = twin(torch.from_numpy(np.ascontiguousarray(gen.test_x.transpose(0, 2, 1))))[:, 0, -1].numpy()
+    mse = float(np.mean((pred - gen.test_y) ** 2))
+    assert abs(mse - test_metric) <= 1e-5 * mse, (mse, test_metric)
+
+
 @pytest.mark.parametrize("task", ["adding", "copy", "music-jsb"])
 def test_task_runs_resumes_and_exports(task, tmp_path):
     args = ["--preset", task, *TINY, "--workdir", str(tmp_path / "run")]
@@ -58,12 +69,7 @@ def test_task_runs_resumes_and_exports(task, tmp_path):
     assert model.channels == (4, 4)
     if task == "adding":
         # The trainer computes the last step alone (TCN.last); the exported twin's full forward scores the same.
-        gen = seq_data.generate("adding", n_train=32, n_test=16, length=12, seed=0)
-        twin = torch_bridge.load(export, framework="torch").eval()
-        with torch.no_grad():
-            pred = twin(torch.from_numpy(np.ascontiguousarray(gen.test_x.transpose(0, 2, 1))))[:, 0, -1].numpy()
-        mse = float(np.mean((pred - gen.test_y) ** 2))
-        assert abs(mse - summary["test_metric"]) <= 1e-5 * mse, (mse, summary["test_metric"])
+        _assert_twin_scores(export, summary["test_metric"])
     # rerun: resumes from the final checkpoint, trains nothing, same records
     assert cli.main(args) == 0
     again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -89,13 +95,7 @@ def test_ema_weights_are_the_ones_evaluated_exported_and_checkpointed(tmp_path):
     assert trainer.evaluate("test") == summary["test_metric"]
     trainer.state = trainer.state.replace(ema=None)
     assert trainer.evaluate("test") != summary["test_metric"]
-
-    gen = seq_data.generate("adding", n_train=32, n_test=16, length=12, seed=0)
-    twin = torch_bridge.load(export, framework="torch").eval()
-    with torch.no_grad():
-        pred = twin(torch.from_numpy(np.ascontiguousarray(gen.test_x.transpose(0, 2, 1))))[:, 0, -1].numpy()
-    mse = float(np.mean((pred - gen.test_y) ** 2))
-    assert abs(mse - summary["test_metric"]) <= 1e-5 * mse, (mse, summary["test_metric"])
+    _assert_twin_scores(export, summary["test_metric"])
 
 
 def test_task_model_mismatch_is_a_usage_error(capsys):
