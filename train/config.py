@@ -318,7 +318,8 @@ def _seq(task: str, channels: list[int], kernel_size: int, *, dropout: float, lr
          epochs: int, batch_size: int, train_limit: int = 0, test_limit: int = 0, separable: bool = True,
          dense_stem: bool = False, schedule: Literal["constant", "cosine", "plateau"] = "constant",
          ema_decay: float = 0.0) -> Config:
-    # Adam, constant LR and gradient clipping as locuslab/TCN; the paper's level counts and kernel sizes.
+    # Adam, constant LR and gradient clipping as locuslab/TCN; the paper's level counts and kernel sizes
+    # (JSB: kernel 2, chosen on the validation split).
     return Config(
         data=DataConfig(task=task, train_limit=train_limit, test_limit=test_limit),
         model=ModelConfig(model="tcn", channels=channels, kernel_size=kernel_size, dropout=dropout,
