@@ -125,7 +125,8 @@ class OptimConfig:
     epochs: int = _f(10, "training epochs (the schedule length)")
     batch_size: int = _f(256, "global batch size (split over all devices); the last partial batch is dropped")
     grad_clip: float = _f(0.0, "clip gradients to this global norm (0: off)")
-    ema_decay: float = _f(0.0, "EMA of weights (and BN statistics) used for eval/export, every task (0: off; e.g. 0.999)")
+    ema_decay: float = _f(0.0, "EMA of weights (and BN statistics) used for eval/export, every task (0: off; e.g. 0.999); "
+                        "step t uses min(decay, (1+t)/(10+t)), so a decay d acts only after about 9/(1-d) steps")
     freeze: list[str] = _f(  # noqa: RUF009 - _f turns a list default into a default_factory
         [], "keep parameters matching these globs/regexes fixed (paths like blocks.0.depthwise.kernel, head.bias)")
 
