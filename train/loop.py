@@ -200,7 +200,7 @@ class Trainer:
         self.meta.pop("eval_due", None)
 
     def final_model(self) -> nnx.Module:
-        w = self.state.ema or {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        w = steps.eval_weights(self.state)
         host = steps.to_host((w["params"], w["batch_stats"], self.state.consts))
         return nnx.merge(self.graph_eval, *host)
 

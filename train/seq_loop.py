@@ -142,13 +142,8 @@ class SeqTrainer:
         new, finite = steps.apply_update(state, self.tx, loss, grads, state.batch_stats, self.cfg.optim.ema_decay)
         return new, {"loss": loss, "finite": finite.astype(jnp.int32)}
 
-    @staticmethod
-    def _eval_params(state: steps.TrainState) -> Any:
-        """The weights evaluated and exported: the EMA's when the run keeps one (``--ema-decay``)."""
-        return state.params if state.ema is None else state.ema["params"]
-
     def _eval_step(self, state: steps.TrainState, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        model = self._model(self._eval_params(state), state.consts)
+        model = self._model(steps.eval_weights(state)["params"], state.consts)
         model.eval()
         loss, weight = _loss(self.task, _outputs(self.task, model, batch["x"]), batch)
         return loss * weight, weight
@@ -255,7 +250,7 @@ class SeqTrainer:
                   f"{self.cfg.optim.lr * factor:.3g}", flush=True)
 
     def final_model(self) -> TCN:
-        model = self._model(*steps.to_host((self._eval_params(self.state), self.state.consts)))
+        model = self._model(*steps.to_host((steps.eval_weights(self.state)["params"], self.state.consts)))
         model.eval()
         return model
 

@@ -184,6 +184,11 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
     return train_step
 
 
+def eval_weights(state: TrainState) -> dict[str, Any]:
+    """``{"params", "batch_stats"}`` that evaluations score and exports write: the EMA's when the run keeps one."""
+    return state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
+
+
 def eval_logits(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,
                 input_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Eval-mode outputs for uint8 images, with the EMA weights when the run keeps them."""
@@ -193,7 +198,7 @@ def eval_logits(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Ar
 def eval_logits_tta(graph_eval: nnx.GraphDef[Any], state: TrainState, images: jax.Array,
                     input_fn: Callable[[jax.Array], jax.Array], tta: str) -> tuple[jax.Array, jax.Array]:
     """``(test-time-augmented logits, plain logits)`` (:mod:`train.tta`; equal for ``tta="none"``)."""
-    weights = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
+    weights = eval_weights(state)
     model = nnx.merge(graph_eval, weights["params"], weights["batch_stats"], state.consts)
     return tta_logits(lambda x: model(input_fn(x)), to_float(images), tta)
 
