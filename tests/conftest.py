@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -275,3 +276,11 @@ def x64() -> Iterator[None]:
 @pytest.fixture
 def rngs() -> nnx.Rngs:
     return nnx.Rngs(0)
+
+
+@pytest.fixture(scope="session")
+def session_shared_dir(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this session sees (the workers' basetemps' parent; the basetemp
+    without xdist): expensive fixtures are built there once, under a ``filelock.FileLock``."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root

@@ -11,7 +11,6 @@ shared by every xdist worker.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -27,11 +26,8 @@ from train import faults
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> lib.Env:
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by all workers of this session
-    env = lib.Env(root / "faults_env")
+def env(session_shared_dir) -> lib.Env:
+    env = lib.Env(session_shared_dir / "faults_env")
     env.root.mkdir(exist_ok=True)
     with FileLock(str(env.root) + ".lock"):
         env.prepare()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -30,14 +29,11 @@ def _cifar100_model(seed: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Path:
+def shared(session_shared_dir) -> Path:
     """One directory for every xdist worker of the session: the fixtures below are built once, by the
     first worker to get here, under a lock (each worker used to repeat the pretrained model and the
     fine-tuning run, ~50-65 s loaded). The tests only read them."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by all workers of this session
-    return root / "finetune_shared"
+    return session_shared_dir / "finetune_shared"
 
 
 @pytest.fixture(scope="module")
