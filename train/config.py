@@ -64,6 +64,10 @@ class DataConfig:
     test_limit: int = _f(0, "evaluate on the first N test images only (0: all)", resume=True)
     crop_padding: int = _f(4, "random-crop padding in pixels (0: no crop)")
     flip: bool = _f(True, "random horizontal flips")
+    train_sizes: list[int] = _f(  # noqa: RUF009
+        [], "cifar10: progressive resizing: train at these square image sizes in equal shares of the steps "
+            "(a size repeated takes more shares), e.g. 16 24 32; batches are downscaled after crop and flip, "
+            "evaluation stays at the data's size. Empty: the data's size throughout")
     data_on_device: Literal["auto", "yes", "no"] = _f(
         "auto", "hold the uint8 data set in device memory (auto: when it fits in 1/4 of it)", resume=True)
 
@@ -263,6 +267,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--schedule plateau reads the validation loss of every epoch: it needs a task with a "
                           f"validation split ({', '.join(MUSIC_TASKS)}) and --eval-every 1, got --task {d.task} "
                           f"--eval-every {r.eval_every}")
+    if d.train_sizes and d.task != "cifar10":
+        raise ConfigError(f"--train-sizes is for --task cifar10, got --task {d.task}")
+    if any(s < 8 for s in d.train_sizes):  # DSCNet downsamples by 4, the zoo's nets by up to 32
+        raise ConfigError(f"--train-sizes must be ints >= 8, got {d.train_sizes}")
     if r.tta != "none" and d.task != "cifar10":
         raise ConfigError(f"--tta {r.tta} is for --task cifar10 (image classification), got --task {d.task}")
     if m.model == "tcn" and (not m.channels or min(m.channels) < 1 or m.kernel_size < 1 or d.seq_length < 0

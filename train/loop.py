@@ -34,6 +34,7 @@ from train import (
     faults,
     feed,
     malloc,
+    resize,
     seg_metrics,
     seg_steps,
     steps,
@@ -138,14 +139,22 @@ class Trainer:
                                         ema=cfg.optim.ema_decay > 0)
         self.input_fn = input_fn
         task_steps = seg_steps if self.seg else steps
-        train_fn = task_steps.make_train_step(
-            self.graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
-            label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
-            ema_decay=cfg.optim.ema_decay, input_fn=input_fn)
-        train_fn = faults.wrap_train_step(train_fn)  # itself unless a nan fault is requested
+
+        def make_train_fn(**sized: int) -> Any:
+            fn = task_steps.make_train_step(
+                self.graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
+                label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
+                ema_decay=cfg.optim.ema_decay, input_fn=input_fn, **sized)
+            return faults.wrap_train_step(fn)  # itself unless a nan fault is requested
+
         eval_fn = (seg_steps.make_eval_step(self.graph_eval, cfg.model.num_classes, input_fn) if self.seg
                    else steps.make_eval_step(self.graph_eval, input_fn, cfg.run.tta))
-        self.train_step, self.eval_step = steps.jit_steps(train_fn, eval_fn, self.mesh)
+        self.train_step, self.eval_step = steps.jit_steps(make_train_fn(), eval_fn, self.mesh)
+        # Progressive resizing: one compiled step per smaller (or larger) size; the data's own size
+        # is the plain step.
+        native = ds.train_images.shape[1]
+        self.sized_steps = {size: steps.jit_steps(make_train_fn(image_size=size), eval_fn, self.mesh)[0]
+                            for size in set(cfg.data.train_sizes) - {native}}
         self.meta: dict[str, Any] = {"train_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0], "data_order": feed.ORDER}
         self.traces_at_start = steps.TRACES["train_step"]
         self.records: list[dict[str, Any]] = []
@@ -253,7 +262,7 @@ class Trainer:
             batch = self.train_data.batch(order[pos * bs:(pos + 1) * bs])
             if faults.injects_nan():
                 batch["poison"] = self.train_data.put(np.full(bs, faults.poison(step + 1), np.float32))
-            self.state, metrics = self.train_step(self.state, batch)
+            self.state, metrics = self._step_fn(step)(self.state, batch)
             drain()  # the previous step's metrics, while this one runs
             pending, step = (step + 1, metrics), step + 1
             faults.after_step(step)
@@ -303,6 +312,13 @@ class Trainer:
                      file=sys.stderr)
             return _signal_exit(signals)
         return -1
+
+    def _step_fn(self, step: int) -> Any:
+        """The compiled train step for step ``step`` (0-based): the one of its ``--train-sizes`` phase."""
+        sizes = self.cfg.data.train_sizes
+        if not sizes:
+            return self.train_step
+        return self.sized_steps.get(resize.size_at(sizes, step, self.total_steps), self.train_step)
 
     def _bar(self, epoch: int, pos: int) -> Any:
         if not (self.cfg.run.progress and self.primary):

@@ -33,6 +33,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train.augment import augment, to_float
+from train.resize import resize
 from train.tta import tta_logits
 
 TRACES: collections.Counter[str] = collections.Counter()
@@ -149,11 +150,13 @@ def apply_update(state: TrainState, tx: optax.GradientTransformation, loss: jax.
 def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransformation,
                     lr_schedule: Callable[[Any], Any], *, num_classes: int, label_smoothing: float,
                     crop_padding: int, flip: bool, ema_decay: float,
-                    input_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    input_fn: Callable[[jax.Array], jax.Array] | None = None, image_size: int | None = None,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The (unjitted) pure train step; see :func:`jit_steps`. ``input_fn`` maps the augmented
-    ``[0, 1]`` images to the model's input (zoo models: mean/std normalisation)."""
-    input_fn = input_fn or (lambda x: x)
+    ``[0, 1]`` images to the model's input (zoo models: mean/std normalisation); ``image_size``
+    downscales them first (:func:`train.resize.resize`; progressive resizing)."""
+    to_model = input_fn or (lambda x: x)
+    input_fn = to_model if image_size is None else (lambda x: to_model(resize(x, image_size)))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         TRACES["train_step"] += 1

@@ -7,8 +7,8 @@ Takes the trainer's own flags (same defaults and presets) and trains
 ``torch_bridge.nn.DSCNet`` with a plain PyTorch loop: SGD-Nesterov (or AdamW)
 with the trainer's schedule evaluated per step, decoupled weight decay on
 kernels only, label smoothing, the same crop+flip augmentation (vectorised on
-tensors), the same per-epoch data order and the same test-time augmentation
-(``--tta``). Own flags (before or among the
+tensors), the same per-epoch data order, progressive resizing (``--train-sizes``)
+and test-time augmentation (``--tta``). Own flags (before or among the
 trainer's): ``--torch-layout {channels_last,nchw}`` (default channels_last,
 the faster one for this net on CPU, see ``benchmarks/train_step.py``) and
 ``--torch-threads N`` (default 2).
@@ -50,6 +50,7 @@ from train.data import load_or_download
 from train.feed import epoch_order
 from train.model import describe, dscnet_kwargs
 from train.optim import schedule
+from train.resize import size_at
 
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
@@ -85,8 +86,10 @@ class TorchTrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, o: OptimConfig, steps_per_epoch: int, *, crop_padding: int,
-                 flip: bool, layout: str = "channels_last", gen: torch.Generator | None = None):
+                 flip: bool, layout: str = "channels_last", gen: torch.Generator | None = None,
+                 train_sizes: Sequence[int] = ()):
         self.fmt = LAYOUTS[layout]
+        self.train_sizes, self.total_steps = tuple(train_sizes), steps_per_epoch * o.epochs
         self.model = model.to(memory_format=self.fmt)
         self.o, self.crop_padding, self.flip, self.gen = o, crop_padding, flip, gen
         self.lr_at = schedule(o, o.lr, steps_per_epoch)
@@ -98,7 +101,12 @@ class TorchTrainStep:
             self.opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.momentum, o.beta2))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-        x = augment(x, self.gen, self.crop_padding, self.flip).contiguous(memory_format=self.fmt)
+        x = augment(x, self.gen, self.crop_padding, self.flip)
+        if self.train_sizes:  # progressive resizing, as train/resize.py
+            size = size_at(self.train_sizes, k, self.total_steps)
+            if x.shape[2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.contiguous(memory_format=self.fmt)
         lr = float(self.lr_at(k))
         loss = F.cross_entropy(self.model(x), y, label_smoothing=self.o.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
@@ -166,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = build_model(m)
     spe = len(train_y) // o.batch_size
     step_fn = TorchTrainStep(model, o, spe, crop_padding=d.crop_padding, flip=d.flip, layout=own.torch_layout,
-                             gen=gen)
+                             gen=gen, train_sizes=d.train_sizes)
     workdir = Path(cfg.run.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / "torch_metrics.jsonl"
