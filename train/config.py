@@ -93,6 +93,9 @@ class ModelConfig:
     gated: bool = _f(False, "tcn: gated linear units instead of ReLU")
     width: int = _f(DEFAULT_WIDTH, "dscnet: channels of the first stage (then 2w, 4w)")
     depth: int = _f(2, "dscnet: separable blocks per stage (3 stages)")
+    stem_init: Literal["random", "whiten"] = _f(
+        "random", "dscnet: the stem conv's initialisation: random, or whiten (its first filters the whitening "
+                  "of the training images' 3x3 patches and their negatives, airbench's stem; train/whiten.py)")
     widths: list[int] = _f(  # noqa: RUF009 - _f turns a list default into a default_factory
         [], "dscnet: the three stage widths (empty: width, 2*width, 4*width)")
     strides: list[int] = _f(  # noqa: RUF009
@@ -267,6 +270,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--schedule plateau reads the validation loss of every epoch: it needs a task with a "
                           f"validation split ({', '.join(MUSIC_TASKS)}) and --eval-every 1, got --task {d.task} "
                           f"--eval-every {r.eval_every}")
+    if m.stem_init == "whiten" and (m.model != "dscnet" or m.init_from):
+        raise ConfigError(f"--stem-init whiten is for a fresh --model dscnet, got --model {m.model}"
+                          + (f" --init-from {m.init_from}" if m.init_from else ""))
     if d.train_sizes and d.task != "cifar10":
         raise ConfigError(f"--train-sizes is for --task cifar10, got --task {d.task}")
     if any(s < 8 for s in d.train_sizes):  # DSCNet downsamples by 4, the zoo's nets by up to 32

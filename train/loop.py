@@ -38,6 +38,7 @@ from train import (
     seg_metrics,
     seg_steps,
     steps,
+    whiten,
     workdir,
     zoo_model,
 )
@@ -128,6 +129,9 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
 
         model, self.init_note = initial_model(cfg.model, cfg.run.seed)
+        if cfg.model.stem_init == "whiten":
+            n = whiten.whiten_stem(model, ds.train_images)
+            self.init_note = f"stem: {n} of {model.stem.conv.out_features} filters patch-whitening"
         # Zoo models take normalised input (upstream convention); DSCNet normalises inside.
         self.input_norm = zoo_model.input_norm(cfg.model, model) if zoo_model.is_zoo(cfg.model) else None
         input_fn = zoo_model.normalizer(*self.input_norm) if self.input_norm else None

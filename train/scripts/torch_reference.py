@@ -51,6 +51,7 @@ from train.feed import epoch_order
 from train.model import describe, dscnet_kwargs
 from train.optim import schedule
 from train.resize import size_at
+from train.whiten import stem_filters
 
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
@@ -73,6 +74,16 @@ def augment(x: torch.Tensor, gen: torch.Generator | None, pad: int, flip: bool) 
 def build_model(m: ModelConfig) -> DSCNet:
     """A fresh ``torch_bridge.nn.DSCNet`` with the trainer's model settings (BN momentum in torch terms)."""
     return DSCNet(m.num_classes, momentum=round(1 - m.bn_momentum, 12), **dscnet_kwargs(m))
+
+
+def whiten_stem(model: DSCNet, images: np.ndarray) -> int:
+    """``train.whiten.whiten_stem`` for the PyTorch twin (the same NumPy filters, OIHW); returns how many."""
+    conv = model.stem.conv
+    filters = stem_filters(images, model.normalize.mean.numpy(), model.normalize.std.numpy(), conv.kernel_size[0],
+                           conv.out_channels)
+    with torch.no_grad():
+        conv.weight[:filters.shape[-1]] = torch.from_numpy(filters.transpose(3, 2, 0, 1))
+    return filters.shape[-1]
 
 
 class TorchTrainStep:
@@ -172,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_x = torch.from_numpy(ds.test_images).permute(0, 3, 1, 2).contiguous()
     test_y = torch.from_numpy(ds.test_labels).long()
     model = build_model(m)
+    if m.stem_init == "whiten":
+        whiten_stem(model, ds.train_images)
     spe = len(train_y) // o.batch_size
     step_fn = TorchTrainStep(model, o, spe, crop_padding=d.crop_padding, flip=d.flip, layout=own.torch_layout,
                              gen=gen, train_sizes=d.train_sizes)
