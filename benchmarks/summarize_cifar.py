@@ -71,6 +71,11 @@ def rows(jax_runs: list[dict[str, Any]], torch_run: dict[str, Any] | None) -> st
         o = c["optim"]
         sched = (f"{o['epochs']} ep, batch {o['batch_size']}, {o['optimizer']} lr {o['lr']} {o['schedule']}, "
                  f"wd {o['weight_decay']}, ls {o['label_smoothing']}, TTA {s.get('tta', 'none')}")
+        d, m = c.get("data", {}), c.get("model", {})
+        if d.get("train_sizes"):
+            sched += f", train sizes {'-'.join(map(str, d['train_sizes']))}"
+        if m.get("stem_init", "random") != "random":
+            sched += f", {m['stem_init']} stem"
         macs = f", {s['macs'] / 1e6:.1f}M MACs" if s.get("macs") else ""
         load = "/".join(f"{v:.1f}" for v in s.get("loadavg", [])) or "?"
         ratio = f"**{s['images_per_second'] / t_ips:.2f}**" if t_ips else "-"

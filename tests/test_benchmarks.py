@@ -131,7 +131,8 @@ def test_pw_kernel_driver_checks_its_gemm(tmp_path: Path) -> None:
 def test_summarize_cifar_tabulates_seeds_and_their_mean(tmp_path):
     """Three seed workdirs and a one-epoch torch run -> one row each, a mean row, the torch row."""
     cfg = {"optim": {"epochs": 2, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "schedule": "onecycle",
-                     "weight_decay": 5e-4, "label_smoothing": 0.1}}
+                     "weight_decay": 5e-4, "label_smoothing": 0.1},
+           "data": {"train_sizes": [24, 32]}, "model": {"stem_init": "whiten"}}
     runs = []
     for seed, (acc, t90) in enumerate([(0.90, 100.0), (0.92, 80.0), (0.91, None)]):
         w = tmp_path / f"s{seed}"
@@ -152,6 +153,7 @@ def test_summarize_cifar_tabulates_seeds_and_their_mean(tmp_path):
     lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
     assert len(lines) == 1 + 3 + 1 + 1  # header, seeds, mean, torch
     assert "90.00% (89.00%)" in lines[1] and "**2.00**" in lines[1]  # 500 / 250 img/s
+    assert "train sizes 24-32, whiten stem" in lines[1]
     mean = lines[4]
     assert "**91.00%** (90.00%)" in mean
     assert "not reached" in mean  # seed 2 never reached 90%: no mean time to 90%
