@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -93,7 +94,7 @@ def _data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
 class JaxTrainer:
     """The trainer's model, optimizer, state and jitted steps, built as ``train.loop.Trainer`` builds them."""
 
-    def __init__(self, cfg: Config, mesh: Any, steps_per_epoch: int, *, augment: bool = True):
+    def __init__(self, cfg: Config, mesh: Any, steps_per_epoch: int, *, augment: bool = True, image_size: int = 0):
         model, _ = initial_model(cfg.model, cfg.run.seed)
         self.torch_model = torch_bridge.to_torch(model)  # same initial weights, train mode
         graph_train, graph_eval, params, stats, consts = steps.split_model(model)
@@ -104,7 +105,7 @@ class JaxTrainer:
         train_fn = steps.make_train_step(
             graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
             label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding if augment else 0,
-            flip=cfg.data.flip and augment, ema_decay=cfg.optim.ema_decay)
+            flip=cfg.data.flip and augment, ema_decay=cfg.optim.ema_decay, image_size=image_size or None)
         self.train_step, self.eval_step = steps.jit_steps(train_fn, steps.make_eval_step(graph_eval), mesh)
 
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -113,18 +114,20 @@ class JaxTrainer:
 
 
 def sanity_check(cfg: Config, mesh: Any, spe: int, split: Split, images: np.ndarray, labels: np.ndarray,
-                 n_steps: int) -> dict[str, Any]:
+                 n_steps: int, image_size: int = 0) -> dict[str, Any]:
     """``n_steps`` steps of JAX and torch (NCHW and channels_last) on the same first batch, no augmentation.
 
     Compares the losses of every step (JAX vs both layouts) and the parameters and BN statistics after the
     steps (JAX vs NCHW).
     """
     bs = cfg.optim.batch_size
-    jt = JaxTrainer(cfg, mesh, spe, augment=False)
+    jt = JaxTrainer(cfg, mesh, spe, augment=False, image_size=image_size)
     idx = epoch_order(cfg.run.seed, 0, split.n)[:bs]
+    sizes = (image_size,) if image_size else ()
     tstep_cl = TREF.TorchTrainStep(copy.deepcopy(jt.torch_model), cfg.optim, spe, crop_padding=0, flip=False,
-                                   layout="channels_last")
-    tstep = TREF.TorchTrainStep(jt.torch_model, cfg.optim, spe, crop_padding=0, flip=False, layout="nchw")
+                                   layout="channels_last", train_sizes=sizes)
+    tstep = TREF.TorchTrainStep(jt.torch_model, cfg.optim, spe, crop_padding=0, flip=False, layout="nchw",
+                                train_sizes=sizes)
     x_t = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous()
     y_t = torch.from_numpy(labels[idx]).long()
     before = {k: v.detach().clone() for k, v in jt.torch_model.state_dict().items()}
@@ -158,21 +161,23 @@ def sanity_check(cfg: Config, mesh: Any, spe: int, split: Split, images: np.ndar
     }
 
 
-def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labels: np.ndarray,
+                 image_size: int = 0) -> dict[str, Any]:
     mesh = make_mesh()
     bs, ebs = cfg.optim.batch_size, args.eval_batch
     spe = TRAIN_IMAGES // bs
     split = Split(images, labels, mesh, on_device=True)  # what data_on_device=auto picks on CPU
     test = Split(images[:TEST_IMAGES], labels[:TEST_IMAGES], mesh, on_device=True)
     t0 = time.perf_counter()
-    sanity = sanity_check(cfg, mesh, spe, split, images, labels, args.check_steps) if args.check_steps else None
+    sanity = (sanity_check(cfg, mesh, spe, split, images, labels, args.check_steps, image_size)
+              if args.check_steps else None)
     if sanity:
         print(f"  sanity ({args.check_steps} steps, no augmentation, lr {sanity['lr_per_step'][0]:.4g}..): "
               f"loss jax {sanity['jax_losses']} torch {sanity['torch_losses']}, max |diff| "
               f"{sanity['max_abs_loss_diff']:.2e} (tol {LOSS_TOL:g}); params: max |diff| / |update| "
               f"{sanity['worst_param_diff_over_update']:.2e} ({sanity['worst_param']}, tol {PARAM_TOL:g}), "
               f"max |diff| {sanity['max_abs_param_diff']:.1e}: {'OK' if sanity['ok'] else 'FAILED'}", flush=True)
-    jt = JaxTrainer(cfg, mesh, spe)
+    jt = JaxTrainer(cfg, mesh, spe, image_size=image_size)
     order = epoch_order(cfg.run.seed, 0, split.n)
     counter = {"jax": 0}
 
@@ -194,7 +199,8 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
     gen = torch.Generator().manual_seed(cfg.run.seed)
     for layout, tag in (("nchw", "torch_nchw"), ("channels_last", "torch_cl")):
         tstep = TREF.TorchTrainStep(copy.deepcopy(jt.torch_model), cfg.optim, spe, crop_padding=cfg.data.crop_padding,
-                                    flip=cfg.data.flip, layout=layout, gen=gen)
+                                    flip=cfg.data.flip, layout=layout, gen=gen,
+                                    train_sizes=(image_size,) if image_size else ())
         emodel = copy.deepcopy(jt.torch_model).to(memory_format=TREF.LAYOUTS[layout]).eval()
         n = {"k": 0}
 
@@ -219,7 +225,7 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
     ips = {k: (bs if k.endswith("_train") else ebs) / (t.median_ms * 1e-3) for k, t in timings.items()}
     ips_best = {k: (bs if k.endswith("_train") else ebs) / (t.min_ms * 1e-3) for k, t in timings.items()}
     out: dict[str, Any] = {
-        "config": {"model": describe(cfg.model), "width": cfg.model.width, "depth": cfg.model.depth, "batch_size": bs, "eval_batch": ebs,
+        "config": {"model": describe(cfg.model) + (f" at {image_size}x{image_size}" if image_size else ""), "width": cfg.model.width, "depth": cfg.model.depth, "batch_size": bs, "eval_batch": ebs,
                    "optimizer": cfg.optim.optimizer, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
                    "label_smoothing": cfg.optim.label_smoothing, "crop_padding": cfg.data.crop_padding,
                    "flip": cfg.data.flip, "impl": cfg.model.impl, "precision": cfg.model.precision,
@@ -293,24 +299,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     images, labels, what = _data(args)
     results: dict[str, Any] = {"env": env_info(), "args": vars(args), "data": what, "configs": []}
-    for width in args.width:
-        for depth in args.depth:
-            for bs in args.batch_size:
-                over = {"width": width, "depth": depth, "batch_size": bs}
-                preset = PRESETS[args.preset]
-                if width and preset.model.widths:  # scale the preset's stage widths to a first stage of `width`
-                    over["widths"] = [v * width // preset.model.widths[0] for v in preset.model.widths]
-                cfg = validate(with_overrides(preset, {k: v for k, v in over.items() if v}))
-                print(f"config {describe(cfg.model)} b{cfg.optim.batch_size} "
-                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
-                r = bench_config(args, cfg, images, labels)
-                i = r["images_per_second"]
-                print(f"  train img/s: jax {i['jax_train']:.0f}, torch nchw {i['torch_nchw_train']:.0f}, "
-                      f"cl {i['torch_cl_train']:.0f} -> ratio {r['train_ratio']:.2f}; eval img/s: jax "
-                      f"{i['jax_eval']:.0f}, torch nchw {i['torch_nchw_eval']:.0f}, cl {i['torch_cl_eval']:.0f} "
-                      f"-> ratio {r['eval_ratio']:.2f} (load {r['loadavg_before'][0]:.1f} -> "
-                      f"{r['loadavg_after'][0]:.1f})", flush=True)
-                results["configs"].append(r)
+    for width, depth, bs, size in itertools.product(args.width, args.depth, args.batch_size, args.image_size):
+        over = {"width": width, "depth": depth, "batch_size": bs}
+        preset = PRESETS[args.preset]
+        if width and preset.model.widths:  # scale the preset's stage widths to a first stage of `width`
+            over["widths"] = [v * width // preset.model.widths[0] for v in preset.model.widths]
+        cfg = validate(with_overrides(preset, {k: v for k, v in over.items() if v}))
+        at = f" at {size}x{size}" if size else ""
+        print(f"config {describe(cfg.model)} b{cfg.optim.batch_size}{at} (load {os.getloadavg()[0]:.1f})", flush=True)
+        r = bench_config(args, cfg, images, labels, size)
+        i = r["images_per_second"]
+        print(f"  train img/s: jax {i['jax_train']:.0f}, torch nchw {i['torch_nchw_train']:.0f}, "
+              f"cl {i['torch_cl_train']:.0f} -> ratio {r['train_ratio']:.2f}; eval img/s: jax "
+              f"{i['jax_eval']:.0f}, torch nchw {i['torch_nchw_eval']:.0f}, cl {i['torch_cl_eval']:.0f} "
+              f"-> ratio {r['eval_ratio']:.2f} (load {r['loadavg_before'][0]:.1f} -> "
+              f"{r['loadavg_after'][0]:.1f})", flush=True)
+        results["configs"].append(r)
     results["ok"] = all(r["sanity"] is None or r["sanity"]["ok"] for r in results["configs"])
     return results
 
@@ -330,6 +334,8 @@ def main() -> int:
     ap.add_argument("--width", type=_ints, default=[0], help="comma list of widths (0: the preset's)")
     ap.add_argument("--depth", type=_ints, default=[0], help="comma list of depths (0: the preset's)")
     ap.add_argument("--batch-size", type=_ints, default=[0], help="comma list of batch sizes (0: the preset's)")
+    ap.add_argument("--image-size", type=_ints, default=[0], help="comma list of training image sizes, as "
+                    "--train-sizes phases (0: the data's 32x32); evaluation stays at 32x32")
     ap.add_argument("--eval-batch", type=int, default=500, help="eval-step batch (the preset's eval batch: 500)")
     ap.add_argument("--data-dir", default="", help="real CIFAR-10 (else random uint8 images; speed is the same)")
     ap.add_argument("--rounds", type=int, default=7)
