@@ -284,3 +284,31 @@ def session_shared_dir(tmp_path_factory) -> Path:
     without xdist): expensive fixtures are built there once, under a ``filelock.FileLock``."""
     root = tmp_path_factory.getbasetemp()
     return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+PERSISTENT_CACHE_NAMES = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                          "jax_persistent_cache_min_entry_size_bytes")
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(path: Path) -> Iterator[dict[str, str]]:
+    """JAX's persistent compilation cache in ``path`` for the body, every program cached; yields the
+    environment that gives subprocesses the same cache.
+
+    Reruns of one configuration (a run resumed in-process, a subprocess of the same trainer) then
+    load their programs instead of compiling them again. A cached program is the same binary, so
+    results are unchanged. Restored afterwards: other tests of the worker keep JAX's defaults.
+    """
+    from jax._src import compilation_cache
+
+    before = [getattr(jax.config, name) for name in PERSISTENT_CACHE_NAMES]
+    for name, value in zip(PERSISTENT_CACHE_NAMES, (str(path), 0.0, 0), strict=True):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # JAX reads the settings once per process
+    try:
+        yield {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    finally:
+        for name, value in zip(PERSISTENT_CACHE_NAMES, before, strict=True):
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

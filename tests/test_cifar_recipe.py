@@ -1,4 +1,5 @@
-"""The pieces of the CIFAR-10 recipe (issue 16): DSCNet stage layouts and test-time augmentation."""
+"""The pieces of the CIFAR-10 recipe (issue 16): DSCNet stage layouts, test-time augmentation, and the
+validation of the recipe's flags (progressive resizing and the whitened stem have their own files)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
     ({"model": {"dilations": []}}, "--dilations one or more"),
     ({"data": {"task": "adding"}, "model": {"model": "tcn", "channels": [4]}, "run": {"tta": "flip"}},
      "--tta flip is for --task cifar10"),
+    ({"data": {"train_sizes": [4, 32]}}, "--train-sizes must be ints >= 8"),
+    ({"data": {"train_sizes": [16, 32], "task": "adding"}, "model": {"model": "tcn", "channels": [4]}},
+     "--train-sizes is for --task cifar10"),
+    ({"model": {"stem_init": "whiten", "model": "torchvision:mobilenet_v2"}},
+     "--stem-init whiten is for a fresh --model dscnet"),
+    ({"model": {"stem_init": "whiten", "init_from": "runs/x"}}, "--stem-init whiten is for a fresh --model dscnet"),
 ])
 def test_recipe_flags_are_validated(overrides, match):
     cfg = PRESETS["tiny"]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import persistent_compile_cache
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from jaxdsc.models import DSCNet
 from train import cli, faults, steps
 from train.checkpointing import read_arrays
-from train.config import PRESETS, ConfigError, validate
+from train.config import PRESETS
 from train.resize import resize, size_at
 from train.testing import write_cifar10
 
@@ -114,23 +115,16 @@ def test_torch_reference_resizes_the_same_way():
     assert abs(float(loss) - float(metrics["loss"])) < 1e-5
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    ({"data": {"train_sizes": [4, 32]}}, "--train-sizes must be ints >= 8"),
-    ({"data": {"train_sizes": [16, 32], "task": "adding"}, "model": {"model": "tcn", "channels": [4]}},
-     "--train-sizes is for --task cifar10"),
-])
-def test_bad_train_sizes_are_refused(overrides, match):
-    cfg = PRESETS["tiny"]
-    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in overrides.items()})
-    with pytest.raises(ConfigError, match=match):
-        validate(cfg)
-
-
 def test_run_compiles_one_step_per_size_and_resumes_across_a_phase(tmp_path, monkeypatch, capsys):
     """16x16 for the first half of the steps, then 32x32; a run stopped by SIGTERM in the first
-    phase and resumed ends bit-identical to the uninterrupted one."""
+    phase and resumed ends bit-identical to the uninterrupted one. The three runs compile the same
+    programs: the second and third load them from a persistent cache."""
     data = write_cifar10(tmp_path / "cifar", 128, 64)
+    with persistent_compile_cache(tmp_path / "xla-cache"):
+        _whole_and_resumed(data, tmp_path, monkeypatch, capsys)
 
+
+def _whole_and_resumed(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     def args(name: str) -> list[str]:
         return ["--preset", "tiny", "--data-dir", str(data), "--workdir", str(tmp_path / name), "--no-progress",
                 "--train-limit", "0", "--test-limit", "0", "--batch-size", "32", "--epochs", "2",

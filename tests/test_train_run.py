@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import persistent_compile_cache
 from filelock import FileLock
 
 from train import cli, faults
@@ -72,31 +73,13 @@ def shared_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory) -> Iterator[Path]:
-    """The persistent compilation cache of the subprocesses, also for this module's in-process runs.
-
-    The in-process runs of one configuration (the NaN tests, a rerun after SIGTERM) then load
-    their programs instead of compiling them again, and the first subprocess of the interrupted
-    run loads the reference's. A cached program is the same binary, so results are unchanged.
-    Restored afterwards: the other modules of this worker keep JAX's defaults.
-    """
-    import jax
-    from jax._src import compilation_cache
-
+    """The persistent compilation cache (conftest) of the subprocesses, also for this module's
+    in-process runs: the NaN tests and a rerun after SIGTERM load their programs instead of
+    compiling them again, and the first subprocess of the interrupted run loads the reference's."""
     path = shared_dir(tmp_path_factory) / "xla-cache"
-    CACHE.update(JAX_COMPILATION_CACHE_DIR=str(path),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = [getattr(jax.config, name) for name in names]
-    for name, value in zip(names, (str(path), 0.0, 0), strict=True):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # JAX reads the settings once per process
-    try:
+    with persistent_compile_cache(path) as env:
+        CACHE.update(env)
         yield path
-    finally:
-        for name, value in zip(names, before, strict=True):
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

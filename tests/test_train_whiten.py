@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxdsc.models import DSCNet
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD
-from train.config import PRESETS, ConfigError, validate
+from train.config import PRESETS
 from train.testing import synthetic
 from train.whiten import EPS, patch_whitening, stem_filters, whiten_stem
 
@@ -84,12 +84,7 @@ def test_bad_arguments_are_refused(args, match):
         patch_whitening(*args)
 
 
-def test_whiten_is_refused_where_there_is_no_fresh_dscnet_stem():
-    cfg = PRESETS["tiny"]
-    for model in ({"model": "torchvision:mobilenet_v2"}, {"init_from": "runs/x"}):
-        bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, stem_init="whiten", **model))
-        with pytest.raises(ConfigError, match="--stem-init whiten is for a fresh --model dscnet"):
-            validate(bad)
+def test_a_stem_narrower_than_two_filters_per_component_takes_the_top_pairs():
     assert stem_filters(synthetic(8, 0)[0], MEAN, STD, 3, 5).shape == (3, 3, 3, 4)  # 5 channels: 2 pairs
 
 
