@@ -86,17 +86,10 @@ def _tiny_step(image_size: int | None, seen: list[tuple[int, ...]]):
     return model, state, fn
 
 
-def test_train_step_feeds_the_model_the_phase_size():
-    seen: list[tuple[int, ...]] = []
-    _, state, fn = _tiny_step(16, seen)
-    batch = {"image": jnp.zeros((4, 32, 32, 3), jnp.uint8), "label": jnp.zeros(4, jnp.int32)}
-    jax.eval_shape(fn, state, batch)
-    assert seen == [(4, 16, 16, 3)]
-
-
 def test_torch_reference_resizes_the_same_way():
-    """The PyTorch reference's step in a 16x16 phase has the JAX step's loss (twin weights, no
-    augmentation); float32 with other conv algorithms: 1e-5 on a loss of about 2.3."""
+    """The JAX step feeds the model the phase's size, and the PyTorch reference's step in a 16x16
+    phase has its loss (twin weights, no augmentation); float32 with other conv algorithms: 1e-5 on
+    a loss of about 2.3."""
     torch = pytest.importorskip("torch")
     import torch_bridge
 
