@@ -300,8 +300,8 @@ def _cifar10_cpu() -> Config:
     # 64/256/384: the first downsamples to 16x16 (a 32x32 stage cost most of the old 32/128/256 layout's
     # step), the last stays at 8x8 with dilations 2, 4 (receptive field without more downsampling) and
     # is 384 wide: the net underfits, and 8x8 pointwise GEMMs are the cheapest capacity (1.5x the
-    # parameters of 64/256/256 at 0.85x its images/s, +1.1 points at 8 epochs). 85.57% / 85.92% (seeds 0, 1;
-    # seed 0 in 27.7 min) against 64/256/256's 85.10% / 84.87% in 22 epochs at 32x32.
+    # parameters of 64/256/256 at 0.85x its images/s, +1.1 points at 8 epochs). 85.71% (mean of 3 seeds;
+    # seed 0 in 27.7 min) against 64/256/256's 84.95% in 22 epochs at 32x32.
     return Config(
         data=DataConfig(
             crop_padding=2,  # airbench's translation; +0.4-0.8 points over 4 at 8 epochs
