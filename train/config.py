@@ -301,8 +301,8 @@ def _cifar10_cpu() -> Config:
     # 64/256/384: the first downsamples to 16x16 (a 32x32 stage cost most of the old 32/128/256 layout's
     # step), the last stays at 8x8 with dilations 2, 4 (receptive field without more downsampling) and
     # is 384 wide: the net underfits, and 8x8 pointwise GEMMs are the cheapest capacity (1.5x the
-    # parameters of 64/256/256 at 0.85x its images/s, +1.1 points at 8 epochs). 87.26% (seed 0, in 18.6 min,
-    # a fast window) against 85.57% with weight decay 5e-4 (85.71% mean of 3 seeds).
+    # parameters of 64/256/256 at 0.85x its images/s, +1.1 points at 8 epochs). 87.56% (mean of 3 seeds; seed 0 in
+    # 18.6 min, a fast window) against 85.71% with weight decay 5e-4.
     return Config(
         data=DataConfig(
             crop_padding=2,  # airbench's translation; +0.4-0.8 points over 4 at 8 epochs
