@@ -301,13 +301,14 @@ def persistent_compile_cache(path: Path) -> Iterator[dict[str, str]]:
     """
     from jax._src import compilation_cache
 
+    values = (str(path), 0.0, 0)
     before = [getattr(jax.config, name) for name in PERSISTENT_CACHE_NAMES]
-    for name, value in zip(PERSISTENT_CACHE_NAMES, (str(path), 0.0, 0), strict=True):
+    for name, value in zip(PERSISTENT_CACHE_NAMES, values, strict=True):
         jax.config.update(name, value)
     compilation_cache.reset_cache()  # JAX reads the settings once per process
     try:
-        yield {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+        # A JAX option's environment variable is its name in upper case.
+        yield {name.upper(): str(value) for name, value in zip(PERSISTENT_CACHE_NAMES, values, strict=True)}
     finally:
         for name, value in zip(PERSISTENT_CACHE_NAMES, before, strict=True):
             jax.config.update(name, value)

@@ -7,9 +7,10 @@ Takes the trainer's own flags (same defaults and presets) and trains
 ``torch_bridge.nn.DSCNet`` with a plain PyTorch loop: SGD-Nesterov (or AdamW)
 with the trainer's schedule evaluated per step, decoupled weight decay on
 kernels only, label smoothing, the same crop+flip augmentation (vectorised on
-tensors), the same per-epoch data order, progressive resizing (``--train-sizes``),
-stem initialisation (``--stem-init``) and test-time augmentation (``--tta``). Own flags (before or among the
-trainer's): ``--torch-layout {channels_last,nchw}`` (default channels_last,
+tensors), the same per-epoch data order, progressive resizing
+(``--train-sizes``), stem initialisation (``--stem-init``) and test-time
+augmentation (``--tta``). Own flags (before or among the trainer's):
+``--torch-layout {channels_last,nchw}`` (default channels_last,
 the faster one for this net on CPU, see ``benchmarks/train_step.py``) and
 ``--torch-threads N`` (default 2).
 
