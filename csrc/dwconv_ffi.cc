@@ -2,7 +2,8 @@
 // threading. Python (jaxdsc/ops/native.py) loads this library with ctypes and
 // registers the four `jaxdsc_dw_*` symbols with jax.ffi.register_ffi_target.
 //
-// Pointwise (1x1) GEMM targets jaxdsc_pw_*: see pwconv_ffi.inc; dense conv jaxdsc_dc_*: dense_ffi.inc.
+// Pointwise (1x1) GEMM targets jaxdsc_pw_*: see pwconv_ffi.inc (bfloat16 products on AMX,
+// jaxdsc_pwmm_*: pwconv_amx_ffi.inc); dense conv jaxdsc_dc_*: dense_ffi.inc.
 // Targets: jaxdsc_dw_forward (x, w -> y), jaxdsc_dw_grad_input (g, w -> dx),
 // jaxdsc_dw_grad_kernel (x, g -> dw), jaxdsc_dw_grad_both (x, g, w -> dx, dw).
 // Tensor layouts (always 5-D / 4-D; Python inserts unit dims for rank 1-2):
@@ -28,6 +29,7 @@
 #include "chan_merge.h"
 #include "dwconv.h"
 #include "ffi_binding.h"
+#include "pwamx.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -295,6 +297,7 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
 }
 
 #include "pwconv_ffi.inc"
+#include "pwconv_amx_ffi.inc"
 #include "dense_ffi.inc"
 #include "sepconv_ffi.inc"
 #include "bn_ffi.inc"
@@ -320,6 +323,9 @@ JAXDSC_FFI_TARGET(jaxdsc_pw_forward, jaxdsc_dw::PwForward, jaxdsc_dw::kNoAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_pw_grad_input, jaxdsc_dw::PwGradInput, jaxdsc_dw::kNoAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_pw_grad_kernel, jaxdsc_dw::PwGradKernel, jaxdsc_dw::kNoAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_pw_grad_all, jaxdsc_dw::PwGradAll, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_pwmm_forward, jaxdsc_dw::PwmmForward, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_pwmm_grad_input, jaxdsc_dw::PwmmGradInput, jaxdsc_dw::kNoAttrs);
+JAXDSC_FFI_TARGET(jaxdsc_pwmm_grad_kernel, jaxdsc_dw::PwmmGradKernel, jaxdsc_dw::kNoAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_dc_forward, jaxdsc_dw::DcForward, jaxdsc_dw::kGeomAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_dc_grad_kernel, jaxdsc_dw::DcGradKernel, jaxdsc_dw::kGeomAttrs);
 JAXDSC_FFI_TARGET(jaxdsc_sep_forward, jaxdsc_dw::SepForward, jaxdsc_dw::kGeomAttrs);
@@ -348,6 +354,11 @@ extern "C" __attribute__((visibility("default"))) int jaxdsc_dw_set_isa(const ch
   if (pick == nullptr) return 0;
   Table().store(pick);
   return 1;
+}
+
+// 1 when the bfloat16-product pointwise targets (jaxdsc_pwmm_*) can run: AMX present and granted.
+extern "C" __attribute__((visibility("default"))) int jaxdsc_amx_available() {
+  return jaxdsc_amx::Available() ? 1 : 0;
 }
 
 // Turns huge-page advice for large outputs on (1) or off (0); returns the old setting.

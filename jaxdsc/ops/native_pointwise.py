@@ -9,6 +9,13 @@ y[M, N] = x[M, K] . w[K, N] + b on the (N * spatial, C) view: a tall-skinny
 GEMM with packed w, register tiles of 6 x 64 floats (AVX-512), rows split
 over XLA's intra-op pool; the weight gradient sums per-task partials in a
 fixed order (deterministic) and also yields the bias gradient.
+
+With ``precision=lax.DotAlgorithmPreset.BF16_BF16_F32`` on a CPU with AMX
+(Intel Sapphire Rapids and later) the ``jaxdsc_pwmm_*`` targets run instead
+(family ``"pointwise_bf16"``): operands rounded to bfloat16, products summed in
+float32 on the AMX tiles, forward and both derivatives; float32 or bfloat16
+in and out as the others. Elsewhere that preset computes in float32, as
+XLA:CPU does with it.
 """
 
 from __future__ import annotations
@@ -29,11 +36,28 @@ from jaxdsc.ops._vjp import BiasKernels, Family, make_family
 FAMILY = "pointwise"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the kernels' dtypes
 TARGETS = ("jaxdsc_pw_forward", "jaxdsc_pw_grad_input", "jaxdsc_pw_grad_kernel", "jaxdsc_pw_grad_all")
+AMX_FAMILY = "pointwise_bf16"
+AMX_TARGETS = ("jaxdsc_pwmm_forward", "jaxdsc_pwmm_grad_input", "jaxdsc_pwmm_grad_kernel")
+BF16_PRODUCTS = lax.DotAlgorithmPreset.BF16_BF16_F32
+
+# Module switch for benchmarks and tests: False never runs the AMX kernels.
+USE_AMX = True
 
 
 def available() -> bool:
     """True when the native pointwise GEMM is built, loaded and self-checked."""
     return native.available(FAMILY)
+
+
+def bf16_products(precision: lax.PrecisionLike) -> bool:
+    """Whether ``precision`` asks for bfloat16 products with float32 sums (``BF16_BF16_F32``)."""
+    return isinstance(precision, lax.DotAlgorithmPreset) and precision == BF16_PRODUCTS
+
+
+def amx_available() -> bool:
+    """True when the bfloat16-product GEMMs run on this CPU (AMX granted by the OS) and passed their check."""
+    return (USE_AMX and available() and bool(native.library().jaxdsc_amx_available())
+            and native.available(AMX_FAMILY))
 
 
 def _ffi_pw_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -74,6 +98,30 @@ _pw_grad_kernel_bias = batch_op(_ffi_pw_grad_kernel_bias, batched=(True, True), 
 _pw_grad_all = batch_op(_ffi_pw_grad_all, batched=(True, True, False), outputs=(BATCH, SUM, SUM))
 
 
+def _ffi_mm_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+    return jax.ffi.ffi_call("jaxdsc_pwmm_forward", out, vmap_method="sequential")(x, w, b)
+
+
+def _ffi_mm_grad_input(g: jax.Array, w: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((g.shape[0], w.shape[0]), g.dtype)
+    return jax.ffi.ffi_call("jaxdsc_pwmm_grad_input", out, vmap_method="sequential")(g, w)
+
+
+def _ffi_mm_grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    out = (
+        jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype),
+        jax.ShapeDtypeStruct((g.shape[1],), x.dtype),
+    )
+    dw, db = jax.ffi.ffi_call("jaxdsc_pwmm_grad_kernel", out, vmap_method="sequential")(x, g)
+    return dw, db
+
+
+_mm_forward = batch_op(_ffi_mm_forward, batched=(True, False, False), outputs=(BATCH,))
+_mm_grad_input = batch_op(_ffi_mm_grad_input, batched=(True, False), outputs=(BATCH,))
+_mm_grad_kernel_bias = batch_op(_ffi_mm_grad_kernel_bias, batched=(True, True), outputs=(SUM, SUM))
+
+
 # Backward pass as one kernel (dx, dw, db from a single pass over g), or as
 # separate dx and (dw, db) kernels; a module switch for benchmarks.
 PW_FUSED_BACKWARD = True
@@ -89,6 +137,9 @@ class _Raw(NamedTuple):
 
 
 _NATIVE = _Raw(_pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all)
+# AMX: no fused backward (dx and dw are separate passes; each is a fraction of the float32 one).
+_AMX = _Raw(_mm_forward, _mm_grad_input, _mm_grad_kernel_bias,
+            lambda x, g, w: (_mm_grad_input(g, w), *_mm_grad_kernel_bias(x, g)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -110,7 +161,7 @@ def _xla_raw(precision) -> _Raw:
 
 
 @functools.lru_cache(maxsize=16)
-def _platform_raw(precision) -> _Raw:
+def _platform_raw(precision, native_raw: _Raw = _NATIVE) -> _Raw:
     """Native kernels in the CPU branch of the program, XLA's elsewhere.
 
     The choice sits in the raw kernels that the tangent maps and their
@@ -123,7 +174,7 @@ def _platform_raw(precision) -> _Raw:
     def pd(f, g):
         return lambda *args: lax.platform_dependent(*args, cpu=f, default=g)
 
-    return _Raw(*(pd(a, b) for a, b in zip(_NATIVE, xla, strict=True)))
+    return _Raw(*(pd(a, b) for a, b in zip(native_raw, xla, strict=True)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -163,8 +214,12 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
 
     ``portable``: native in the CPU branch of the program only, ``dot_general``
     with ``precision`` on other platforms (what ``impl="auto"`` runs).
+    ``precision``: ``BF16_BF16_F32`` runs the AMX kernels where
+    :func:`amx_available`; the native kernels otherwise compute in float32.
     """
-    ops = _pw_ops(PW_FUSED_BACKWARD, _platform_raw(precision) if portable else _NATIVE)
+    amx = bf16_products(precision) and amx_available()
+    raw = _AMX if amx else _NATIVE
+    ops = _pw_ops(PW_FUSED_BACKWARD and not amx, _platform_raw(precision, raw) if portable else raw)
     x2 = x.reshape(-1, x.shape[-1])
     y2 = ops.conv(x2, kernel) if bias is None else ops.affine(x2, kernel, bias)
     return y2.reshape(*x.shape[:-1], kernel.shape[-1])
@@ -196,4 +251,23 @@ def self_check() -> str:
     return "" if ok else "a target disagrees with the numpy reference"
 
 
+def amx_self_check() -> str:
+    """The AMX targets on an odd case (row, reduction and column tails) against numpy; "" if they agree."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((301, 37)).astype(np.float32)
+    w = rng.standard_normal((37, 19)).astype(np.float32)
+    b = rng.standard_normal((19,)).astype(np.float32)
+    g = rng.standard_normal((301, 19)).astype(np.float32)
+    xr, wr, gr = (v.astype(jnp.bfloat16).astype(np.float64) for v in (x, w, g))
+    y = np.asarray(jax.jit(_ffi_mm_forward)(x, w, b))
+    dx = np.asarray(jax.jit(_ffi_mm_grad_input)(g, w))
+    dw, db = (np.asarray(v) for v in jax.jit(_ffi_mm_grad_kernel_bias)(x, g))
+    ok = all(
+        got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
+        for got, ref in ((y, xr @ wr + b), (dx, gr @ wr.T), (dw, xr.T @ gr), (db, g.sum(0)))
+    )
+    return "" if ok else "an AMX target disagrees with the numpy reference"
+
+
 native.register_family(FAMILY, TARGETS, self_check)
+native.register_family(AMX_FAMILY, AMX_TARGETS, amx_self_check, requires=(FAMILY,))

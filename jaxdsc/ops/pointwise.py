@@ -102,7 +102,7 @@ def pointwise_conv(
         raise ValueError(f"bias must have shape ({kernel.shape[1]},), got {bias.shape}")
     fns = {
         "xla": lambda x, kernel, bias: _xla(x, kernel, bias, precision),
-        "native": native_pointwise.pointwise_conv,
+        "native": lambda x, kernel, bias: native_pointwise.pointwise_conv(x, kernel, bias, precision=precision),
     }
     if with_policy("pointwise", impl) != "auto":
         return fns[select_pointwise_impl(x, kernel, bias, impl)](x, kernel, bias)

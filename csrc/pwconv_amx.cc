@@ -1,0 +1,255 @@
+// AMX build of the bfloat16-product pointwise GEMMs (pwamx.h). One 32 x 32
+// float32 output block is four 16 x 16 accumulator tiles (tmm0-3) fed by two
+// A tiles (tmm4-5: 16 rows x 32 bfloat16 of the reduction) and two B tiles
+// (tmm6-7: 16 reduction pairs x 16 columns, VNNI). Selected at run time only
+// when Available(); elsewhere the stubs at the bottom say no.
+#include "pwamx.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define JAXDSC_HAVE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
+#endif
+
+namespace jaxdsc_amx {
+namespace {
+
+constexpr int64_t kWgradRows = 256;  // weight gradient: rows of x / g packed per chunk
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// All eight tiles 16 rows x 64 bytes (16 floats, or 32 bfloat16 / 16 pairs).
+void Configure() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+inline __mmask16 Tail(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+// 16 values (fewer under `mask`, the rest 0) of a float32 or bfloat16 row as float32.
+inline __m512 Load16(const void* base, int64_t i, bool bf16, __mmask16 mask) {
+  if (!bf16) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + i);
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, h), 16));
+}
+
+// 32 bfloat16 as 16 pairs (lo[j], hi[j]): the VNNI order of two reduction rows.
+inline __m512i Pairs(__m512 lo, __m512 hi) {
+  const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // [lo 0..15 | hi 0..15]
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, both);
+}
+
+bool Probe() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), amx_bf16 = d & (1u << 22);
+  const bool f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
+  if (!(tile && amx_bf16 && f && bw && vl)) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512_BF16
+  // Linux >= 5.16 hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+}  // namespace
+
+bool Available() {
+  static const bool ok = Probe();
+  return ok;
+}
+
+void PackB(const void* w, bool bf16, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* bp) {
+  const int64_t kp = Pad32(k), np = Pad32(n);
+  std::memset(bp, 0, kp * np * 2);
+  auto at = [&](int64_t kk, int64_t j) -> uint16_t {
+    const int64_t i = transposed ? j * ld + kk : kk * ld + j;
+    if (bf16) return static_cast<const uint16_t*>(w)[i];
+    const __m128 v = _mm_set_ss(static_cast<const float*>(w)[i]);
+    return static_cast<uint16_t>(_mm_cvtsi128_si32(reinterpret_cast<__m128i>(_mm_cvtneps_pbh(v))));
+  };
+  if (!transposed && !bf16) {
+    // Row pairs of w are contiguous: 16 columns at a time.
+    for (int64_t p = 0; p < kp / 2; ++p)
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = Tail(n - j);
+        const __m512 lo = 2 * p < k ? Load16(w, 2 * p * ld + j, false, m) : _mm512_setzero_ps();
+        const __m512 hi = 2 * p + 1 < k ? Load16(w, (2 * p + 1) * ld + j, false, m) : _mm512_setzero_ps();
+        _mm512_mask_storeu_epi32(bp + (p * np + j) * 2, m, Pairs(lo, hi));
+      }
+    return;
+  }
+  for (int64_t kk = 0; kk < k; ++kk)
+    for (int64_t j = 0; j < n; ++j) bp[((kk / 2) * np + j) * 2 + (kk & 1)] = at(kk, j);
+}
+
+int64_t GemmScratchBytes(int64_t k, int64_t n) { return 32 * Pad32(k) * 2 + 32 * Pad32(n) * 4 + 64; }
+
+void Gemm(const void* a, bool bf16, int64_t m, int64_t k, int64_t n, const uint16_t* bp,
+          const float* bias, void* y, int64_t m0, int64_t m1, char* scratch) {
+  const int64_t kp = Pad32(k), np = Pad32(n);
+  uint16_t* ab = reinterpret_cast<uint16_t*>(scratch);      // [32][kp] rows of a, bfloat16
+  float* tmp = reinterpret_cast<float*>(scratch + 32 * kp * 2);  // [32][np] output block
+  Configure();
+  for (int64_t r0 = m0; r0 < m1; r0 += 32) {
+    const int64_t rows = r0 + 32 <= m ? 32 : m - r0;
+    for (int64_t i = 0; i < 32; ++i) {
+      uint16_t* d = ab + i * kp;
+      if (i >= rows) {
+        std::memset(d, 0, kp * 2);
+        continue;
+      }
+      const int64_t row = (r0 + i) * k;
+      for (int64_t c = 0; c < kp; c += 32) {
+        const __m512 lo = c < k ? Load16(a, row + c, bf16, Tail(k - c)) : _mm512_setzero_ps();
+        const __m512 hi = c + 16 < k ? Load16(a, row + c + 16, bf16, Tail(k - c - 16)) : _mm512_setzero_ps();
+        _mm512_storeu_si512(d + c, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+    }
+    for (int64_t n0 = 0; n0 < np; n0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t c = 0; c < kp; c += 32) {
+        _tile_loadd(4, ab + c, kp * 2);
+        _tile_loadd(5, ab + 16 * kp + c, kp * 2);
+        _tile_loadd(6, bp + ((c / 2) * np + n0) * 2, np * 4);
+        _tile_loadd(7, bp + ((c / 2) * np + n0 + 16) * 2, np * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, tmp + n0, np * 4);
+      _tile_stored(1, tmp + n0 + 16, np * 4);
+      _tile_stored(2, tmp + 16 * np + n0, np * 4);
+      _tile_stored(3, tmp + 16 * np + n0 + 16, np * 4);
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mk = Tail(n - j);
+        __m512 v = _mm512_loadu_ps(tmp + i * np + j);
+        if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + j));
+        const int64_t o = (r0 + i) * n + j;
+        if (bf16)
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + o, mk, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+        else
+          _mm512_mask_storeu_ps(static_cast<float*>(y) + o, mk, v);
+      }
+  }
+  _tile_release();
+}
+
+int64_t WeightGradScratchBytes(int64_t k, int64_t n) {
+  return Pad32(k) * kWgradRows * 2 + kWgradRows * Pad32(n) * 2 + kWgradRows * k * 4 + 64;
+}
+
+void WeightGrad(const void* x, const void* g, bool bf16, int64_t k, int64_t n, float* acc,
+                float* bacc, int64_t m0, int64_t m1, char* scratch) {
+  constexpr int64_t R = kWgradRows;
+  const int64_t kp = Pad32(k), np = Pad32(n);
+  uint16_t* xt = reinterpret_cast<uint16_t*>(scratch);  // [kp][R]: x^T, row pairs interleaved
+  uint16_t* gp = xt + kp * R;                             // [R / 2][np][2]: g, VNNI
+  float* xs = reinterpret_cast<float*>(gp + R * np);     // [R][k]: bfloat16 x as float32
+  std::memset(xt + k * R, 0, (kp - k) * R * 2);          // reduction rows past k: read, never used
+  Configure();
+  for (int64_t mm = m0; mm < m1; mm += R) {
+    const int64_t rows = mm + R <= m1 ? R : m1 - mm, rp = Pad32(rows);
+    const float* xf = static_cast<const float*>(x) + mm * k;
+    if (bf16) {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < k; c += 16) {
+          const __mmask16 mk = Tail(k - c);
+          _mm512_mask_storeu_ps(xs + i * k + c, mk, Load16(x, (mm + i) * k + c, true, mk));
+        }
+      xf = xs;
+    }
+    // x^T: unit j of row c holds (x[2j][c], x[2j+1][c]); rows past `rows` are 0.
+    for (int64_t p0 = 0; p0 < rp / 2; p0 += 16) {
+      const __m512i even = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(2 * p0)),
+          _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0)), _mm512_set1_epi32(static_cast<int>(k)));
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(static_cast<int>(k)));
+      const int64_t left = rows - 2 * p0;  // valid rows from 2 * p0 on
+      __mmask16 me = 0, mo = 0;
+      for (int j = 0; j < 16; ++j) {
+        if (2 * j < left) me |= static_cast<__mmask16>(1u << j);
+        if (2 * j + 1 < left) mo |= static_cast<__mmask16>(1u << j);
+      }
+      for (int64_t c = 0; c < k; ++c) {
+        const __m512 lo = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), me, even, xf + c, 4);
+        const __m512 hi = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mo, odd, xf + c, 4);
+        _mm512_storeu_si512(xt + c * R + 2 * p0, Pairs(lo, hi));
+      }
+    }
+    // g as VNNI pairs, and its column sums.
+    for (int64_t p = 0; p < rp / 2; ++p)
+      for (int64_t j = 0; j < np; j += 16) {
+        const __mmask16 mk = j < n ? Tail(n - j) : 0;
+        const int64_t r = mm + 2 * p;
+        const __m512 lo = 2 * p < rows ? Load16(g, r * n + j, bf16, mk) : _mm512_setzero_ps();
+        const __m512 hi = 2 * p + 1 < rows ? Load16(g, (r + 1) * n + j, bf16, mk) : _mm512_setzero_ps();
+        _mm512_storeu_si512(gp + (p * np + j) * 2, Pairs(lo, hi));
+        _mm512_storeu_ps(bacc + j, _mm512_add_ps(_mm512_loadu_ps(bacc + j), _mm512_add_ps(lo, hi)));
+      }
+    for (int64_t c0 = 0; c0 < kp; c0 += 32)
+      for (int64_t n0 = 0; n0 < np; n0 += 32) {
+        float* c = acc + c0 * np + n0;
+        _tile_loadd(0, c, np * 4);
+        _tile_loadd(1, c + 16, np * 4);
+        _tile_loadd(2, c + 16 * np, np * 4);
+        _tile_loadd(3, c + 16 * np + 16, np * 4);
+        for (int64_t r = 0; r < rp; r += 32) {
+          _tile_loadd(4, xt + c0 * R + r, R * 2);
+          _tile_loadd(5, xt + (c0 + 16) * R + r, R * 2);
+          _tile_loadd(6, gp + ((r / 2) * np + n0) * 2, np * 4);
+          _tile_loadd(7, gp + ((r / 2) * np + n0 + 16) * 2, np * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c, np * 4);
+        _tile_stored(1, c + 16, np * 4);
+        _tile_stored(2, c + 16 * np, np * 4);
+        _tile_stored(3, c + 16 * np + 16, np * 4);
+      }
+  }
+  _tile_release();
+}
+
+}  // namespace jaxdsc_amx
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+
+#else  // no AMX toolchain or not x86-64: never available
+
+namespace jaxdsc_amx {
+bool Available() { return false; }
+void PackB(const void*, bool, int64_t, int64_t, int64_t, bool, uint16_t*) {}
+int64_t GemmScratchBytes(int64_t, int64_t) { return 0; }
+void Gemm(const void*, bool, int64_t, int64_t, int64_t, const uint16_t*, const float*, void*, int64_t,
+          int64_t, char*) {}
+int64_t WeightGradScratchBytes(int64_t, int64_t) { return 0; }
+void WeightGrad(const void*, const void*, bool, int64_t, int64_t, float*, float*, int64_t, int64_t, char*) {}
+}  // namespace jaxdsc_amx
+
+#endif
