@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import jax_call
 from flax import nnx
 
+from jaxdsc.ops.native_pointwise import amx_available
 from train import cli
 from train.checkpointing import read_arrays
-from train.config import ModelConfig
+from train.config import Config, ConfigError, ModelConfig, validate
 from train.model import build
 from train.testing import write_cifar10
 
@@ -50,3 +53,29 @@ def test_bfloat16_run_learns_and_saves_float32(tmp_path):
     arrays, _ = read_arrays(workdir)
     kernels = {k: v for k, v in arrays.items() if k.startswith("params") and k.endswith("kernel")}
     assert kernels and all(v.dtype == np.float32 for v in kernels.values())
+
+
+def test_bf16_matmul_model_rounds_only_the_pointwise_products():
+    m32 = build(ModelConfig(width=8, depth=1), seed=0)
+    mmm = build(ModelConfig(width=8, depth=1, precision="bf16-matmul"), seed=0)
+    for a, b in zip(jax.tree.leaves(nnx.state(m32)), jax.tree.leaves(nnx.state(mmm)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    m32.eval()
+    mmm.eval()
+    x = np.random.default_rng(2).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    y32, ymm = np.asarray(jax_call(m32, x)), np.asarray(jax_call(mmm, x))
+    assert ymm.dtype == np.float32
+    err = np.abs(ymm - y32).max() / np.abs(y32).max()
+    if amx_available():
+        # Stage 1's pointwise convs (4096 rows: the native GEMM) multiply bfloat16-rounded operands.
+        assert 1e-5 < err < 5e-2, err
+    else:
+        assert err == 0  # without AMX the preset computes in float32, as XLA:CPU does
+
+
+def test_bf16_matmul_is_for_dscnet():
+    cfg = Config()
+    zoo = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model="torchvision:mobilenet_v2",
+                                                             precision="bf16-matmul"))
+    with pytest.raises(ConfigError, match="bf16-matmul is for DSCNet"):
+        validate(zoo)

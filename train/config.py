@@ -104,8 +104,11 @@ class ModelConfig:
         [2, 4], "dscnet: stage-3 dilations in turn (stage 2 alternates 1 and the first)")
     num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
     bn_momentum: float = _f(0.9, "BatchNorm momentum, Flax convention (0.9 == torch 0.1)")
-    precision: Literal["float32", "bfloat16"] = _f(
-        "float32", "compute dtype; bfloat16 keeps float32 parameters, BN statistics and optimizer state")
+    precision: Literal["float32", "bfloat16", "bf16-matmul"] = _f(
+        "float32", "compute dtype; bfloat16 keeps float32 parameters, BN statistics and optimizer state; "
+                   "bf16-matmul (dscnet): float32 activations, the pointwise GEMMs multiply bfloat16-rounded "
+                   "operands with float32 sums (lax.DotAlgorithmPreset.BF16_BF16_F32; Intel AMX where the "
+                   "CPU has it, float32 elsewhere)")
     impl: str = _f("auto", "depthwise-conv kernel (jaxdsc impl name; auto picks the fastest exact one)",
                    resume=True)
     init_from: str = _f("", "start from weights: a torch_bridge.save .safetensors file, a plain PyTorch "
@@ -231,6 +234,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--model-kwargs is for zoo models; DSCNet takes --width/--depth")
     if m.init_config and m.model not in ("dscnet", "jaxdsc:dscnet"):
         raise ConfigError("--init-config is for DSCNet; a zoo model's state dict needs none (--model-kwargs)")
+    if m.precision == "bf16-matmul" and m.model not in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError(f"--precision bf16-matmul is for DSCNet; --model {m.model} takes float32 or bfloat16")
     if m.init_config and not m.init_from:
         raise ConfigError("--init-config needs --init-from (a plain PyTorch state dict)")
     if r.export_torch and not r.export_torch.endswith(".safetensors"):

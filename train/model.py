@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from jaxdsc.models import DSCNet, stage_config
 from train.config import ConfigError, ModelConfig
@@ -38,6 +39,11 @@ DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "
 def precision_dtype(precision: str) -> Any:
     """The compute dtype of a ``--precision`` value (None: the parameters' float32)."""
     return jnp.bfloat16 if precision == "bfloat16" else None
+
+
+def matmul_precision(precision: str) -> lax.PrecisionLike:
+    """The ``precision`` argument of the model's ops for a ``--precision`` value."""
+    return lax.DotAlgorithmPreset.BF16_BF16_F32 if precision == "bf16-matmul" else None
 
 
 def compute_dtype(cfg: ModelConfig) -> Any:
@@ -91,6 +97,7 @@ _JITTED: dict[Callable[..., Any], Any] = {}
 def _init_dscnet(num_classes: int, arch: tuple[tuple[str, Any], ...], momentum: float, precision: str, impl: str,
                  seed: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(DSCNet(num_classes, momentum=momentum, dtype=precision_dtype(precision), impl=impl,
+                            precision=matmul_precision(precision),
                             rngs=nnx.Rngs(params=jax.random.key(seed)), **dict(arch)))
 
 
