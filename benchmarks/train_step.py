@@ -169,8 +169,9 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
     split = Split(images, labels, mesh, on_device=True)  # what data_on_device=auto picks on CPU
     test = Split(images[:TEST_IMAGES], labels[:TEST_IMAGES], mesh, on_device=True)
     t0 = time.perf_counter()
+    # The sanity check compares float32 losses and updates; bfloat16 products (PyTorch: autocast) differ by more.
     sanity = (sanity_check(cfg, mesh, spe, split, images, labels, args.check_steps, image_size)
-              if args.check_steps else None)
+              if args.check_steps and cfg.model.precision == "float32" else None)
     if sanity:
         print(f"  sanity ({args.check_steps} steps, no augmentation, lr {sanity['lr_per_step'][0]:.4g}..): "
               f"loss jax {sanity['jax_losses']} torch {sanity['torch_losses']}, max |diff| "
@@ -200,7 +201,8 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
     for layout, tag in (("nchw", "torch_nchw"), ("channels_last", "torch_cl")):
         tstep = TREF.TorchTrainStep(copy.deepcopy(jt.torch_model), cfg.optim, spe, crop_padding=cfg.data.crop_padding,
                                     flip=cfg.data.flip, layout=layout, gen=gen,
-                                    train_sizes=(image_size,) if image_size else ())
+                                    train_sizes=(image_size,) if image_size else (),
+                                    autocast=cfg.model.precision != "float32")
         emodel = copy.deepcopy(jt.torch_model).to(memory_format=TREF.LAYOUTS[layout]).eval()
         n = {"k": 0}
 
@@ -210,8 +212,9 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
             idx = order_t[k * bs:(k + 1) * bs]
             tstep(train_x[idx], train_y[idx], k)
 
-        def t_eval(emodel: Any = emodel, fmt: Any = TREF.LAYOUTS[layout]) -> None:
-            with torch.inference_mode():
+        def t_eval(emodel: Any = emodel, fmt: Any = TREF.LAYOUTS[layout],
+                   autocast: bool = cfg.model.precision != "float32") -> None:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 x = (train_x[:ebs].float() / 255).contiguous(memory_format=fmt)
                 emodel(x).argmax(1)
 
@@ -225,7 +228,8 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
     ips = {k: (bs if k.endswith("_train") else ebs) / (t.median_ms * 1e-3) for k, t in timings.items()}
     ips_best = {k: (bs if k.endswith("_train") else ebs) / (t.min_ms * 1e-3) for k, t in timings.items()}
     out: dict[str, Any] = {
-        "config": {"model": describe(cfg.model) + (f" at {image_size}x{image_size}" if image_size else ""), "width": cfg.model.width, "depth": cfg.model.depth, "batch_size": bs, "eval_batch": ebs,
+        "config": {"model": describe(cfg.model) + (f" at {image_size}x{image_size}" if image_size else "")
+                   + (f", {cfg.model.precision}" if cfg.model.precision != "float32" else ""), "width": cfg.model.width, "depth": cfg.model.depth, "batch_size": bs, "eval_batch": ebs,
                    "optimizer": cfg.optim.optimizer, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
                    "label_smoothing": cfg.optim.label_smoothing, "crop_padding": cfg.data.crop_padding,
                    "flip": cfg.data.flip, "impl": cfg.model.impl, "precision": cfg.model.precision,
@@ -299,13 +303,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     images, labels, what = _data(args)
     results: dict[str, Any] = {"env": env_info(), "args": vars(args), "data": what, "configs": []}
-    for width, depth, bs, size in itertools.product(args.width, args.depth, args.batch_size, args.image_size):
-        over = {"width": width, "depth": depth, "batch_size": bs}
+    for width, depth, bs, size, precision in itertools.product(args.width, args.depth, args.batch_size,
+                                                               args.image_size, args.precision):
+        over = {"width": width, "depth": depth, "batch_size": bs, "precision": precision}
         preset = PRESETS[args.preset]
         if width and preset.model.widths:  # scale the preset's stage widths to a first stage of `width`
             over["widths"] = [v * width // preset.model.widths[0] for v in preset.model.widths]
         cfg = validate(with_overrides(preset, {k: v for k, v in over.items() if v}))
         at = f" at {size}x{size}" if size else ""
+        at += f", {cfg.model.precision}" if cfg.model.precision != "float32" else ""
         print(f"config {describe(cfg.model)} b{cfg.optim.batch_size}{at} (load {os.getloadavg()[0]:.1f})", flush=True)
         r = bench_config(args, cfg, images, labels, size)
         i = r["images_per_second"]
@@ -336,6 +342,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=_ints, default=[0], help="comma list of batch sizes (0: the preset's)")
     ap.add_argument("--image-size", type=_ints, default=[0], help="comma list of training image sizes, as "
                     "--train-sizes phases (0: the data's 32x32); evaluation stays at 32x32")
+    ap.add_argument("--precision", type=lambda t: [v for v in t.split(",") if v], default=[""],
+                    help="comma list of --precision values (empty: the preset's); PyTorch runs under "
+                         "torch.autocast (bfloat16) for any but float32")
     ap.add_argument("--eval-batch", type=int, default=500, help="eval-step batch (the preset's eval batch: 500)")
     ap.add_argument("--data-dir", default="", help="real CIFAR-10 (else random uint8 images; speed is the same)")
     ap.add_argument("--rounds", type=int, default=7)

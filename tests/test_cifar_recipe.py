@@ -158,3 +158,28 @@ def test_torch_reference_tta_is_the_same_function(mode):
     with torch.no_grad():
         want = ref.tta_logits(twin, torch.from_numpy(x).permute(0, 3, 1, 2), mode).numpy()
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_torch_reference_autocast_step():
+    """``--precision`` other than float32 runs the PyTorch reference under bfloat16 autocast: its first
+    loss moves off the float32 one by bfloat16 rounding (> 1e-5), not by more (< 2e-2 relative)."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    import torch_bridge
+
+    path = Path(__file__).resolve().parents[1] / "train/scripts/torch_reference.py"
+    spec = importlib.util.spec_from_file_location("torch_reference", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    twin = torch_bridge.to_torch(DSCNet(10, widths=(8, 16, 24), strides=(1, 2, 2), rngs=nnx.Rngs(0)))
+    o = PRESETS["cifar10-cpu"].optim
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
+    y = torch.arange(8) % 10
+    losses = [float(ref.TorchTrainStep(copy.deepcopy(twin), o, 10, crop_padding=0, flip=False,
+                                       autocast=autocast)(x.float() / 255, y, 0)) for autocast in (False, True)]
+    assert np.isfinite(losses).all()
+    assert 1e-5 < abs(losses[1] - losses[0]) < 2e-2 * losses[0], losses

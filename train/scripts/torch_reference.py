@@ -9,7 +9,8 @@ with the trainer's schedule evaluated per step, decoupled weight decay on
 kernels only, label smoothing, the same crop+flip augmentation (vectorised on
 tensors), the same per-epoch data order, progressive resizing
 (``--train-sizes``), stem initialisation (``--stem-init``) and test-time
-augmentation (``--tta``). Own flags (before or among the trainer's):
+augmentation (``--tta``); ``--precision`` other than float32 runs under
+``torch.autocast`` (bfloat16). Own flags (before or among the trainer's):
 ``--torch-layout {channels_last,nchw}`` (default channels_last,
 the faster one for this net on CPU, see ``benchmarks/train_step.py``) and
 ``--torch-threads N`` (default 2).
@@ -94,13 +95,15 @@ class TorchTrainStep:
     mode, cross-entropy with label smoothing, backward, decoupled weight decay
     ``p *= 1 - lr * wd`` on kernels (``ndim > 1``; never norms/biases), then
     SGD-Nesterov (or Adam) at ``lr = schedule(k)``. Returns the loss (a 0-d
-    tensor). ``layout`` is the memory format of the model and the input batch.
+    tensor). ``layout`` is the memory format of the model and the input batch. ``autocast``:
+    PyTorch's CPU mixed precision (``torch.autocast``, bfloat16 convs and matmuls: oneDNN's AMX
+    kernels where the CPU has them), its counterpart of ``--precision bfloat16`` / ``bf16-matmul``.
     """
 
     def __init__(self, model: torch.nn.Module, o: OptimConfig, steps_per_epoch: int, *, crop_padding: int,
                  flip: bool, layout: str = "channels_last", gen: torch.Generator | None = None,
-                 train_sizes: Sequence[int] = ()):
-        self.fmt = LAYOUTS[layout]
+                 train_sizes: Sequence[int] = (), autocast: bool = False):
+        self.fmt, self.autocast = LAYOUTS[layout], autocast
         self.train_sizes, self.total_steps = tuple(train_sizes), steps_per_epoch * o.epochs
         self.model = model.to(memory_format=self.fmt)
         self.o, self.crop_padding, self.flip, self.gen = o, crop_padding, flip, gen
@@ -120,7 +123,8 @@ class TorchTrainStep:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = x.contiguous(memory_format=self.fmt)
         lr = float(self.lr_at(k))
-        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.o.label_smoothing)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.o.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # decoupled weight decay on kernels, as train/optim.py
@@ -146,11 +150,11 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, mode: str) -> torch.Tens
 
 
 def evaluate(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, layout: str,
-             batch_size: int = 1000, tta: str = "none") -> float:
+             batch_size: int = 1000, tta: str = "none", autocast: bool = False) -> float:
     """Test accuracy in eval mode (running BN statistics), uint8 NCHW images converted per batch."""
     model.eval()
     correct = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for i in range(0, len(y), batch_size):
             x = (x_uint8[i:i + batch_size].float() / 255).contiguous(memory_format=LAYOUTS[layout])
             correct += int((tta_logits(model, x, tta).argmax(1) == y[i:i + batch_size]).sum())
@@ -187,15 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if m.stem_init == "whiten":
         whiten_stem(model, ds.train_images)
     spe = len(train_y) // o.batch_size
+    autocast = m.precision != "float32"
     step_fn = TorchTrainStep(model, o, spe, crop_padding=d.crop_padding, flip=d.flip, layout=own.torch_layout,
-                             gen=gen, train_sizes=d.train_sizes)
+                             gen=gen, train_sizes=d.train_sizes, autocast=autocast)
     workdir = Path(cfg.run.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / "torch_metrics.jsonl"
     metrics_path.write_text("")
     print(f"torch reference: {o.epochs} epochs x {spe} steps, batch {o.batch_size}, "
           f"{sum(p.numel() for p in model.parameters())} params, layout {own.torch_layout}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads{', autocast bfloat16' if autocast else ''}", flush=True)
     records: list[dict[str, float]] = []
     fast_images, fast_seconds, train_seconds, step, acc = 0, 0.0, 0.0, 0, 0.0
     for epoch in range(o.epochs):
@@ -212,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_epoch += dt
             step += 1
         train_seconds += t_epoch
-        acc = evaluate(model, test_x, test_y, layout=own.torch_layout, tta=cfg.run.tta)
+        acc = evaluate(model, test_x, test_y, layout=own.torch_layout, tta=cfg.run.tta, autocast=autocast)
         rec = {"epoch": epoch + 1, "step": step, "test_accuracy": acc, "train_loss_last": float(loss),
                "train_seconds": round(train_seconds, 3), "images_per_second": round(spe * o.batch_size / t_epoch, 1)}
         records.append(rec)
@@ -226,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          **{f"time_to_{p}": _time_to(records, p / 100) for p in (80, 85, 90, 91)}, "tta": cfg.run.tta,
          "train_seconds": round(train_seconds, 3), "images_per_second": round(ips, 1), "epochs": o.epochs,
          "steps": step, "batch_size": o.batch_size, "model": describe(m),
-         "layout": own.torch_layout, "threads": torch.get_num_threads(), "torch": torch.__version__}, indent=1))
+         "layout": own.torch_layout, "autocast": autocast, "threads": torch.get_num_threads(), "torch": torch.__version__}, indent=1))
     return 0
 
 
