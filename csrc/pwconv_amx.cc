@@ -57,6 +57,34 @@ inline __m512i Pairs(__m512 lo, __m512 hi) {
   return _mm512_permutexvar_epi16(idx, both);
 }
 
+// One reduction step of a 32 x 32 block: A rows a0 / a0 + 16 rows (lda bytes apart), B pairs
+// b0 (16 columns) and b0 + 16 columns (ldb bytes apart); tmm0-3 += the four products.
+inline void Step(const uint16_t* a0, int64_t lda, const uint16_t* b0, int64_t ldb) {
+  _tile_loadd(4, a0, lda);
+  _tile_loadd(5, reinterpret_cast<const char*>(a0) + 16 * lda, lda);
+  _tile_loadd(6, b0, ldb);
+  _tile_loadd(7, b0 + 32, ldb);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// The 32 x 32 float32 block at c (ld floats a row) to / from tmm0-3.
+inline void LoadBlock(const float* c, int64_t ld) {
+  _tile_loadd(0, c, ld * 4);
+  _tile_loadd(1, c + 16, ld * 4);
+  _tile_loadd(2, c + 16 * ld, ld * 4);
+  _tile_loadd(3, c + 16 * ld + 16, ld * 4);
+}
+
+inline void StoreBlock(float* c, int64_t ld) {
+  _tile_stored(0, c, ld * 4);
+  _tile_stored(1, c + 16, ld * 4);
+  _tile_stored(2, c + 16 * ld, ld * 4);
+  _tile_stored(3, c + 16 * ld + 16, ld * 4);
+}
+
 bool Probe() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
@@ -127,20 +155,8 @@ void Gemm(const void* a, bool bf16, int64_t m, int64_t k, int64_t n, const uint1
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t c = 0; c < kp; c += 32) {
-        _tile_loadd(4, ab + c, kp * 2);
-        _tile_loadd(5, ab + 16 * kp + c, kp * 2);
-        _tile_loadd(6, bp + ((c / 2) * np + n0) * 2, np * 4);
-        _tile_loadd(7, bp + ((c / 2) * np + n0 + 16) * 2, np * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, tmp + n0, np * 4);
-      _tile_stored(1, tmp + n0 + 16, np * 4);
-      _tile_stored(2, tmp + 16 * np + n0, np * 4);
-      _tile_stored(3, tmp + 16 * np + n0 + 16, np * 4);
+      for (int64_t c = 0; c < kp; c += 32) Step(ab + c, kp * 2, bp + ((c / 2) * np + n0) * 2, np * 4);
+      StoreBlock(tmp + n0, np);
     }
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < n; j += 16) {
@@ -210,25 +226,9 @@ void WeightGrad(const void* x, const void* g, bool bf16, int64_t k, int64_t n, f
       }
     for (int64_t c0 = 0; c0 < kp; c0 += 32)
       for (int64_t n0 = 0; n0 < np; n0 += 32) {
-        float* c = acc + c0 * np + n0;
-        _tile_loadd(0, c, np * 4);
-        _tile_loadd(1, c + 16, np * 4);
-        _tile_loadd(2, c + 16 * np, np * 4);
-        _tile_loadd(3, c + 16 * np + 16, np * 4);
-        for (int64_t r = 0; r < rp; r += 32) {
-          _tile_loadd(4, xt + c0 * R + r, R * 2);
-          _tile_loadd(5, xt + (c0 + 16) * R + r, R * 2);
-          _tile_loadd(6, gp + ((r / 2) * np + n0) * 2, np * 4);
-          _tile_loadd(7, gp + ((r / 2) * np + n0 + 16) * 2, np * 4);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, c, np * 4);
-        _tile_stored(1, c + 16, np * 4);
-        _tile_stored(2, c + 16 * np, np * 4);
-        _tile_stored(3, c + 16 * np + 16, np * 4);
+        LoadBlock(acc + c0 * np + n0, np);
+        for (int64_t r = 0; r < rp; r += 32) Step(xt + c0 * R + r, R * 2, gp + ((r / 2) * np + n0) * 2, np * 4);
+        StoreBlock(acc + c0 * np + n0, np);
       }
   }
   _tile_release();

@@ -60,23 +60,30 @@ def amx_available() -> bool:
             and native.available(AMX_FAMILY))
 
 
-def _ffi_pw_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-    return jax.ffi.ffi_call("jaxdsc_pw_forward", out, vmap_method="sequential")(x, w, b)
+def _ffi_targets(prefix: str) -> tuple[Callable, Callable, Callable]:
+    """The forward, input-gradient and kernel+bias-gradient calls of the targets ``prefix_*``."""
+
+    def forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+        return jax.ffi.ffi_call(f"{prefix}_forward", out, vmap_method="sequential")(x, w, b)
+
+    def grad_input(g: jax.Array, w: jax.Array) -> jax.Array:
+        out = jax.ShapeDtypeStruct((g.shape[0], w.shape[0]), g.dtype)
+        return jax.ffi.ffi_call(f"{prefix}_grad_input", out, vmap_method="sequential")(g, w)
+
+    def grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = (
+            jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype),
+            jax.ShapeDtypeStruct((g.shape[1],), x.dtype),
+        )
+        dw, db = jax.ffi.ffi_call(f"{prefix}_grad_kernel", out, vmap_method="sequential")(x, g)
+        return dw, db
+
+    return forward, grad_input, grad_kernel_bias
 
 
-def _ffi_pw_grad_input(g: jax.Array, w: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((g.shape[0], w.shape[0]), g.dtype)
-    return jax.ffi.ffi_call("jaxdsc_pw_grad_input", out, vmap_method="sequential")(g, w)
-
-
-def _ffi_pw_grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    out = (
-        jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype),
-        jax.ShapeDtypeStruct((g.shape[1],), x.dtype),
-    )
-    dw, db = jax.ffi.ffi_call("jaxdsc_pw_grad_kernel", out, vmap_method="sequential")(x, g)
-    return dw, db
+_ffi_pw_forward, _ffi_pw_grad_input, _ffi_pw_grad_kernel_bias = _ffi_targets("jaxdsc_pw")
+_ffi_mm_forward, _ffi_mm_grad_input, _ffi_mm_grad_kernel_bias = _ffi_targets("jaxdsc_pwmm")
 
 
 def _ffi_pw_grad_all(
@@ -96,25 +103,6 @@ _pw_forward = batch_op(_ffi_pw_forward, batched=(True, False, False), outputs=(B
 _pw_grad_input = batch_op(_ffi_pw_grad_input, batched=(True, False), outputs=(BATCH,))
 _pw_grad_kernel_bias = batch_op(_ffi_pw_grad_kernel_bias, batched=(True, True), outputs=(SUM, SUM))
 _pw_grad_all = batch_op(_ffi_pw_grad_all, batched=(True, True, False), outputs=(BATCH, SUM, SUM))
-
-
-def _ffi_mm_forward(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-    return jax.ffi.ffi_call("jaxdsc_pwmm_forward", out, vmap_method="sequential")(x, w, b)
-
-
-def _ffi_mm_grad_input(g: jax.Array, w: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((g.shape[0], w.shape[0]), g.dtype)
-    return jax.ffi.ffi_call("jaxdsc_pwmm_grad_input", out, vmap_method="sequential")(g, w)
-
-
-def _ffi_mm_grad_kernel_bias(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    out = (
-        jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype),
-        jax.ShapeDtypeStruct((g.shape[1],), x.dtype),
-    )
-    dw, db = jax.ffi.ffi_call("jaxdsc_pwmm_grad_kernel", out, vmap_method="sequential")(x, g)
-    return dw, db
 
 
 _mm_forward = batch_op(_ffi_mm_forward, batched=(True, False, False), outputs=(BATCH,))
@@ -225,47 +213,34 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
     return y2.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
+def _check(forward: Callable, grad_input: Callable, grad_kernel_bias: Callable, m: int, k: int, n: int,
+           seed: int, rounded: bool) -> tuple[bool, tuple[np.ndarray, ...]]:
+    """Targets against numpy on random (m, k) x (k, n) operands (the product of their bfloat16
+    roundings if ``rounded``); also returns the operands (x, w, b, g)."""
+    rng = np.random.default_rng(seed)
+    x, w, b, g = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
+    xr, wr, gr = ((v.astype(jnp.bfloat16).astype(np.float64) if rounded else v) for v in (x, w, g))
+    y = np.asarray(jax.jit(forward)(x, w, b))
+    dx = np.asarray(jax.jit(grad_input)(g, w))
+    dw, db = (np.asarray(v) for v in jax.jit(grad_kernel_bias)(x, g))
+    return _agree(((y, xr @ wr + b), (dx, gr @ wr.T), (dw, xr.T @ gr), (db, g.sum(0)))), (x, w, b, g)
+
+
+def _agree(pairs) -> bool:
+    return all(got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4) for got, ref in pairs)
+
+
 def self_check() -> str:
     """The pointwise targets on a small odd case against numpy; "" if they agree."""
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((23, 7)).astype(np.float32)
-    w = rng.standard_normal((7, 19)).astype(np.float32)
-    b = rng.standard_normal((19,)).astype(np.float32)
-    g = rng.standard_normal((23, 19)).astype(np.float32)
-    y = np.asarray(jax.jit(_ffi_pw_forward)(x, w, b))
-    dx = np.asarray(jax.jit(_ffi_pw_grad_input)(g, w))
-    dw, db = (np.asarray(v) for v in jax.jit(_ffi_pw_grad_kernel_bias)(x, g))
+    ok, (x, w, _, g) = _check(_ffi_pw_forward, _ffi_pw_grad_input, _ffi_pw_grad_kernel_bias, 23, 7, 19, 1, False)
     dx2, dw2, db2 = (np.asarray(v) for v in jax.jit(_ffi_pw_grad_all)(x, g, w))
-    ok = all(
-        got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
-        for got, ref in (
-            (y, x @ w + b),
-            (dx, g @ w.T),
-            (dw, x.T @ g),
-            (db, g.sum(0)),
-            (dx2, g @ w.T),
-            (dw2, x.T @ g),
-            (db2, g.sum(0)),
-        )
-    )
+    ok = ok and _agree(((dx2, g @ w.T), (dw2, x.T @ g), (db2, g.sum(0))))
     return "" if ok else "a target disagrees with the numpy reference"
 
 
 def amx_self_check() -> str:
     """The AMX targets on an odd case (row, reduction and column tails) against numpy; "" if they agree."""
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((301, 37)).astype(np.float32)
-    w = rng.standard_normal((37, 19)).astype(np.float32)
-    b = rng.standard_normal((19,)).astype(np.float32)
-    g = rng.standard_normal((301, 19)).astype(np.float32)
-    xr, wr, gr = (v.astype(jnp.bfloat16).astype(np.float64) for v in (x, w, g))
-    y = np.asarray(jax.jit(_ffi_mm_forward)(x, w, b))
-    dx = np.asarray(jax.jit(_ffi_mm_grad_input)(g, w))
-    dw, db = (np.asarray(v) for v in jax.jit(_ffi_mm_grad_kernel_bias)(x, g))
-    ok = all(
-        got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
-        for got, ref in ((y, xr @ wr + b), (dx, gr @ wr.T), (dw, xr.T @ gr), (db, g.sum(0)))
-    )
+    ok, _ = _check(_ffi_mm_forward, _ffi_mm_grad_input, _ffi_mm_grad_kernel_bias, 301, 37, 19, 2, True)
     return "" if ok else "an AMX target disagrees with the numpy reference"
 
 
