@@ -79,6 +79,7 @@ def test_train_step_benchmark_matches_pytorch(tmp_path: Path) -> None:
     _run([sys.executable, str(BENCH / "train_step.py"), "--width", "8", "--depth", "1",
           "--batch-size", "16", "--rounds", "1", "--block-s", "0.01", "--check-steps", "2",
           "--image-size", "16",  # a --train-sizes phase: both frameworks downscale the batch
+          "--precision", "float32",  # the sanity check compares float32 (the preset: bf16-matmul)
           # One torch thread (the suite's setting, see conftest): two spin-waiting OpenMP threads on a
           # busy 2-core machine stall; a small eval batch: the smoke test times nothing it asserts.
           "--threads", "1", "--eval-batch", "64", "--json", str(out_json)])
