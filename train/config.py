@@ -235,7 +235,8 @@ def validate(cfg: Config) -> Config:
     if m.init_config and m.model not in ("dscnet", "jaxdsc:dscnet"):
         raise ConfigError("--init-config is for DSCNet; a zoo model's state dict needs none (--model-kwargs)")
     if m.precision == "bf16-matmul" and m.model not in ("dscnet", "jaxdsc:dscnet"):
-        raise ConfigError(f"--precision bf16-matmul is for DSCNet; --model {m.model} takes float32 or bfloat16")
+        raise ConfigError(f"--precision bf16-matmul is for DSCNet (the cifar10-cpu preset sets it); --model {m.model} "
+                          "takes --precision float32 or bfloat16")
     if m.init_config and not m.init_from:
         raise ConfigError("--init-config needs --init-from (a plain PyTorch state dict)")
     if r.export_torch and not r.export_torch.endswith(".safetensors"):
