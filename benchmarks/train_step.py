@@ -198,11 +198,12 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
     train_y = torch.from_numpy(labels).long()
     order_t = torch.from_numpy(order.astype(np.int64))
     gen = torch.Generator().manual_seed(cfg.run.seed)
+    autocast = cfg.model.precision != "float32"  # PyTorch's counterpart of our bfloat16 modes
     for layout, tag in (("nchw", "torch_nchw"), ("channels_last", "torch_cl")):
         tstep = TREF.TorchTrainStep(copy.deepcopy(jt.torch_model), cfg.optim, spe, crop_padding=cfg.data.crop_padding,
                                     flip=cfg.data.flip, layout=layout, gen=gen,
                                     train_sizes=(image_size,) if image_size else (),
-                                    autocast=cfg.model.precision != "float32")
+                                    autocast=autocast)
         emodel = copy.deepcopy(jt.torch_model).to(memory_format=TREF.LAYOUTS[layout]).eval()
         n = {"k": 0}
 
@@ -213,7 +214,7 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
             tstep(train_x[idx], train_y[idx], k)
 
         def t_eval(emodel: Any = emodel, fmt: Any = TREF.LAYOUTS[layout],
-                   autocast: bool = cfg.model.precision != "float32") -> None:
+                   autocast: bool = autocast) -> None:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 x = (train_x[:ebs].float() / 255).contiguous(memory_format=fmt)
                 emodel(x).argmax(1)

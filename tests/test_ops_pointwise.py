@@ -69,14 +69,14 @@ def _operands(seed, shape, c_out, dtype, bias=True):
     return x, w, b, g
 
 
-def _run(impl, x, w, b, g):
+def _run(impl, x, w, b, g, precision=None):
     """(y, dx, dw[, db]) of one implementation under jit."""
 
     def f(x, w, b, g):
         if b is None:
-            y, vjp = jax.vjp(lambda x, w: pointwise_conv(x, w, impl=impl), x, w)
+            y, vjp = jax.vjp(lambda x, w: pointwise_conv(x, w, impl=impl, precision=precision), x, w)
         else:
-            y, vjp = jax.vjp(lambda x, w, b: pointwise_conv(x, w, b, impl=impl), x, w, b)
+            y, vjp = jax.vjp(lambda x, w, b: pointwise_conv(x, w, b, impl=impl, precision=precision), x, w, b)
         return (y, *vjp(g))
 
     return jax.jit(f)(x, w, b, g)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax import lax
 from test_ops_pointwise import CASES, _operands, _reference, _rel_err
+from test_ops_pointwise import _run as _run_impl
 
 from jaxdsc.ops import native, native_pointwise, pointwise_conv
 
@@ -34,14 +35,7 @@ def _round(v):
 
 
 def _run(x, w, b, g, impl="native", precision=P):
-    def f(x, w, b, g):
-        if b is None:
-            y, vjp = jax.vjp(lambda x, w: pointwise_conv(x, w, impl=impl, precision=precision), x, w)
-        else:
-            y, vjp = jax.vjp(lambda x, w, b: pointwise_conv(x, w, b, impl=impl, precision=precision), x, w, b)
-        return (y, *vjp(g))
-
-    return jax.jit(f)(x, w, b, g)
+    return _run_impl(impl, x, w, b, g, precision)
 
 
 @needs_amx
