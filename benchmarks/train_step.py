@@ -203,7 +203,7 @@ def bench_config(args: argparse.Namespace, cfg: Config, images: np.ndarray, labe
         tstep = TREF.TorchTrainStep(copy.deepcopy(jt.torch_model), cfg.optim, spe, crop_padding=cfg.data.crop_padding,
                                     flip=cfg.data.flip, layout=layout, gen=gen,
                                     train_sizes=(image_size,) if image_size else (),
-                                    autocast=autocast)
+                                    autocast=autocast, cutout=cfg.data.cutout)
         emodel = copy.deepcopy(jt.torch_model).to(memory_format=TREF.LAYOUTS[layout]).eval()
         n = {"k": 0}
 

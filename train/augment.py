@@ -1,4 +1,4 @@
-"""On-device augmentation: random crop with zero padding and horizontal flip.
+"""On-device augmentation: random crop with zero padding, horizontal flip and cutout.
 
 Runs inside the jitted train step on a whole uint8 batch; randomness comes
 from the key the step passes in (``fold_in(seed_key, step)``), so the same
@@ -42,10 +42,29 @@ def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
-def augment(images: jax.Array, key: jax.Array, *, padding: int = 4, flip: bool = True) -> jax.Array:
-    """Crop + flip a uint8 batch ``(N, H, W, C)``; returns float32 in ``[0, 1]``."""
+def random_cutout(images: jax.Array, key: jax.Array, size: int) -> jax.Array:
+    """Zero a ``size x size`` square of each image at a uniformly random centre, clipped at the
+    border (DeVries & Taylor 2017: a centre near the edge leaves less of the square inside)."""
+    if size == 0:
+        return images
+    n, h, w, _ = images.shape
+    corner = jax.random.randint(key, (n, 2), 0, jnp.array([h, w])) - size // 2
+
+    def inside(extent: int, start: jax.Array) -> jax.Array:
+        pos = jnp.arange(extent)
+        return (pos >= start[:, None]) & (pos < start[:, None] + size)
+
+    mask = inside(h, corner[:, 0])[:, :, None, None] & inside(w, corner[:, 1])[:, None, :, None]
+    return jnp.where(mask, jnp.zeros((), images.dtype), images)
+
+
+def augment(images: jax.Array, key: jax.Array, *, padding: int = 4, flip: bool = True,
+            cutout: int = 0) -> jax.Array:
+    """Crop + flip (+ cutout) a uint8 batch ``(N, H, W, C)``; returns float32 in ``[0, 1]``."""
     k_crop, k_flip = jax.random.split(key)
     images = random_crop(images, k_crop, padding)
     if flip:
         images = random_flip(images, k_flip)
+    # A key of its own, folded in, so that turning cutout on leaves the crops and flips as they were.
+    images = random_cutout(images, jax.random.fold_in(key, 2), cutout)
     return to_float(images)

@@ -64,6 +64,8 @@ class DataConfig:
     test_limit: int = _f(0, "evaluate on the first N test images only (0: all)", resume=True)
     crop_padding: int = _f(4, "random-crop padding in pixels (0: no crop)")
     flip: bool = _f(True, "random horizontal flips")
+    cutout: int = _f(0, "cifar10: zero an N x N square of each training image at a random centre, after crop "
+                        "and flip (cutout; 0: off)")
     train_sizes: list[int] = _f(  # noqa: RUF009
         [], "cifar10: progressive resizing: train at these square image sizes in equal shares of the steps "
             "(a size repeated takes more shares), e.g. 16 24 32; batches are downscaled after crop and flip, "
@@ -219,6 +221,7 @@ def validate(cfg: Config) -> Config:
         if v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     non_negative = {"train_limit": d.train_limit, "test_limit": d.test_limit, "crop_padding": d.crop_padding,
+                    "cutout": d.cutout,
                     "weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "warmup_epochs": o.warmup_epochs,
                     "checkpoint_every": r.checkpoint_every}
     for name, v in non_negative.items():
@@ -282,6 +285,8 @@ def validate(cfg: Config) -> Config:
                           + (f" --init-from {m.init_from}" if m.init_from else ""))
     if d.train_sizes and d.task != "cifar10":
         raise ConfigError(f"--train-sizes is for --task cifar10, got --task {d.task}")
+    if d.cutout and d.task != "cifar10":
+        raise ConfigError(f"--cutout is for --task cifar10, got --task {d.task}")
     if any(s < 8 for s in d.train_sizes):  # DSCNet downsamples by 4, the zoo's nets by up to 32
         raise ConfigError(f"--train-sizes must be ints >= 8, got {d.train_sizes}")
     if r.tta != "none" and d.task != "cifar10":

@@ -148,7 +148,8 @@ class Trainer:
             fn = task_steps.make_train_step(
                 self.graph_train, self.tx, self.lr_fn, num_classes=cfg.model.num_classes,
                 label_smoothing=cfg.optim.label_smoothing, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
-                ema_decay=cfg.optim.ema_decay, input_fn=input_fn, **sized)
+                ema_decay=cfg.optim.ema_decay, input_fn=input_fn, **sized,
+                **({} if self.seg else {"cutout": cfg.data.cutout}))
             return faults.wrap_train_step(fn)  # itself unless a nan fault is requested
 
         eval_fn = (seg_steps.make_eval_step(self.graph_eval, cfg.model.num_classes, input_fn) if self.seg

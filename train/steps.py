@@ -151,7 +151,7 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
                     lr_schedule: Callable[[Any], Any], *, num_classes: int, label_smoothing: float,
                     crop_padding: int, flip: bool, ema_decay: float,
                     input_fn: Callable[[jax.Array], jax.Array] | None = None, image_size: int | None = None,
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    cutout: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The (unjitted) pure train step; see :func:`jit_steps`. ``input_fn`` maps the augmented
     ``[0, 1]`` images to the model's input (zoo models: mean/std normalisation); ``image_size``
     downscales them first (:func:`train.resize.resize`; progressive resizing)."""
@@ -161,7 +161,7 @@ def make_train_step(graph_train: nnx.GraphDef[Any], tx: optax.GradientTransforma
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         TRACES["train_step"] += 1
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        images = input_fn(augment(batch["image"], key, padding=crop_padding, flip=flip))
+        images = input_fn(augment(batch["image"], key, padding=crop_padding, flip=flip, cutout=cutout))
         labels = batch["label"]
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 

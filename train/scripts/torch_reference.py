@@ -58,8 +58,8 @@ from train.whiten import stem_filters
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
 
-def augment(x: torch.Tensor, gen: torch.Generator | None, pad: int, flip: bool) -> torch.Tensor:
-    """uint8 NCHW batch -> float crops (zero padding) with random flips, as train/augment.py."""
+def augment(x: torch.Tensor, gen: torch.Generator | None, pad: int, flip: bool, cutout: int = 0) -> torch.Tensor:
+    """uint8 NCHW batch -> float crops (zero padding) with random flips and cutout, as train/augment.py."""
     n, _, h, w = x.shape
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
@@ -70,6 +70,12 @@ def augment(x: torch.Tensor, gen: torch.Generator | None, pad: int, flip: bool) 
     if flip:
         mask = torch.rand(n, generator=gen) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    if cutout:
+        corner = torch.stack([torch.randint(0, e, (n,), generator=gen) for e in (h, w)], 1) - cutout // 2
+        pos_r, pos_c = torch.arange(h), torch.arange(w)
+        rows = (pos_r >= corner[:, :1]) & (pos_r < corner[:, :1] + cutout)
+        cols = (pos_c >= corner[:, 1:]) & (pos_c < corner[:, 1:] + cutout)
+        x = x.masked_fill((rows[:, None, :, None] & cols[:, None, None, :]), 0)
     return x.float() / 255
 
 
@@ -102,11 +108,11 @@ class TorchTrainStep:
 
     def __init__(self, model: torch.nn.Module, o: OptimConfig, steps_per_epoch: int, *, crop_padding: int,
                  flip: bool, layout: str = "channels_last", gen: torch.Generator | None = None,
-                 train_sizes: Sequence[int] = (), autocast: bool = False):
+                 train_sizes: Sequence[int] = (), autocast: bool = False, cutout: int = 0):
         self.fmt, self.autocast = LAYOUTS[layout], autocast
         self.train_sizes, self.total_steps = tuple(train_sizes), steps_per_epoch * o.epochs
         self.model = model.to(memory_format=self.fmt)
-        self.o, self.crop_padding, self.flip, self.gen = o, crop_padding, flip, gen
+        self.o, self.crop_padding, self.flip, self.cutout, self.gen = o, crop_padding, flip, cutout, gen
         self.lr_at = schedule(o, o.lr, steps_per_epoch)
         self.decay = [p for p in model.parameters() if p.ndim > 1]
         if o.optimizer == "sgd":
@@ -116,7 +122,7 @@ class TorchTrainStep:
             self.opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.momentum, o.beta2))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-        x = augment(x, self.gen, self.crop_padding, self.flip)
+        x = augment(x, self.gen, self.crop_padding, self.flip, self.cutout)
         if self.train_sizes:  # progressive resizing, as train/resize.py
             size = size_at(self.train_sizes, k, self.total_steps)
             if x.shape[2:] != (size, size):
@@ -193,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spe = len(train_y) // o.batch_size
     autocast = m.precision != "float32"
     step_fn = TorchTrainStep(model, o, spe, crop_padding=d.crop_padding, flip=d.flip, layout=own.torch_layout,
-                             gen=gen, train_sizes=d.train_sizes, autocast=autocast)
+                             gen=gen, train_sizes=d.train_sizes, autocast=autocast, cutout=d.cutout)
     workdir = Path(cfg.run.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_path = workdir / "torch_metrics.jsonl"
