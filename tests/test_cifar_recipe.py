@@ -49,6 +49,8 @@ def test_default_plan_is_unchanged_and_8x8_layout_dilates_after_downsampling():
     ({"strides": (1, 2)}, "strides must hold one stride per stage"),
     ({"dilations": ()}, "dilations must not be empty"),
     ({"dilations": (1, -2)}, "dilations"),
+    ({"kernel_size": 4}, "kernel_size must be odd"),
+    ({"kernel_size": 0}, "kernel_size"),
 ])
 def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -68,6 +70,8 @@ def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
     ({"model": {"stem_init": "whiten", "model": "torchvision:mobilenet_v2"}},
      "--stem-init whiten is for a fresh --model dscnet"),
     ({"model": {"stem_init": "whiten", "init_from": "runs/x"}}, "--stem-init whiten is for a fresh --model dscnet"),
+    ({"model": {"dw_kernel_size": 4}}, "--dw-kernel-size must be a positive odd int, got 4"),
+    ({"model": {"dw_kernel_size": 5, "model": "torchvision:mobilenet_v2"}}, "--dw-kernel-size is for DSCNet"),
 ])
 def test_recipe_flags_are_validated(overrides, match):
     cfg = PRESETS["tiny"]
@@ -82,6 +86,9 @@ def test_cifar10_cpu_preset_uses_dilation_after_downsampling_to_8x8():
     assert any(b.kernel_dilation[0] > 1 for b in model.blocks)
     assert "strides 2-2-1" in describe(cfg.model) and cfg.run.tta != "none"
     assert describe(PRESETS["default"].model) == "dscnet w32 d2"
+    assert describe(with_overrides(PRESETS["default"], {"dw_kernel_size": 5}).model) == "dscnet w32 d2 k5"
+    k = with_overrides(cfg, {"dw_kernel_size": 7}).model
+    assert [b.depthwise.kernel_size for b in nnx.eval_shape(lambda: build(k, 0)).blocks] == [(7, 7)] * 6
     assert with_overrides(cfg, {"widths": [8, 16, 24]}).model.widths == [8, 16, 24]
 
 

@@ -411,7 +411,8 @@ STAGES_8X8 = {"widths": (4, 8, 12), "strides": (1, 2, 2), "dilations": (1, 2)}  
     ("in_features", "depth", "activation", "train", "dtype_name", "stages"),
     [(3, 1, "relu", True, "float32", {}), (3, 1, "relu", False, "float32", {}), (1, 2, "silu", True, "float32", {}),
      (3, 1, "relu", True, "float64", {}), (3, 1, "relu", False, "float64", {}),
-     (3, 2, "relu", True, "float32", STAGES_8X8), (3, 3, "relu", False, "float64", STAGES_8X8)],
+     (3, 2, "relu", True, "float32", STAGES_8X8), (3, 3, "relu", False, "float64", STAGES_8X8),
+     (3, 2, "relu", True, "float32", {**STAGES_8X8, "kernel_size": 5})],
 )
 def test_dscnet(in_features, depth, activation, train, dtype_name, stages):
     with x64_enabled() if dtype_name == "float64" else contextlib.nullcontext():

@@ -64,6 +64,8 @@ FAMILIES: dict[str, tuple[Callable[[Any], nnx.Module], tuple[int, ...]]] = {
                (2, 8, 8, 3)),
     "DSCNet-8x8": (lambda dt: DSCNet(num_classes=3, widths=(4, 8, 12), strides=(1, 2, 2), dilations=(1, 2), depth=2,
                                      param_dtype=dt, rngs=nnx.Rngs(9)), (2, 16, 16, 3)),
+    "DSCNet-k5": (lambda dt: DSCNet(num_classes=3, widths=(4, 8, 12), strides=(1, 2, 1), dilations=(2,), depth=1,
+                                    kernel_size=5, param_dtype=dt, rngs=nnx.Rngs(10)), (2, 16, 16, 3)),
 }
 
 

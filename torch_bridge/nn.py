@@ -21,6 +21,7 @@ from torch import nn
 
 from jaxdsc import _checks
 from jaxdsc.models import CIFAR10_MEAN, CIFAR10_STD, block_plan, stage_config
+from jaxdsc.models.dscnet import check_kernel_size
 from jaxdsc.padding import PaddingLike, canonical_padding, resolve_padding
 
 IntOrTuple = int | Sequence[int]
@@ -387,6 +388,7 @@ class DSCNet(nn.Module):
         widths: Sequence[int] | None = None,
         strides: Sequence[int] = (1, 2, 1),
         dilations: Sequence[int] = (2, 4),
+        kernel_size: int = 3,
         activation: str = "relu",
         momentum: float = 0.1,
         eps: float = 1e-5,
@@ -396,6 +398,7 @@ class DSCNet(nn.Module):
         self.in_channels = _checks.positive_int("in_channels", in_channels)
         self.width, self.widths, self.strides, self.dilations = stage_config(width, widths, strides, dilations)
         self.depth = _checks.positive_int("depth", depth)
+        self.kernel_size = check_kernel_size(kernel_size)
         self.activation = _check_activation("activation", activation)
         self.momentum, self.eps = momentum, eps
         if in_channels == 3:
@@ -406,7 +409,7 @@ class DSCNet(nn.Module):
         self.normalize = Normalize(in_channels, mean, std)
         self.stem = ConvBlock(in_channels, self.width, 3, **common)
         self.blocks = nn.ModuleList([
-            SeparableBlock(b.in_features, b.out_features, 3, stride=b.stride, dilation=b.dilation,
+            SeparableBlock(b.in_features, b.out_features, self.kernel_size, stride=b.stride, dilation=b.dilation,
                            residual=b.in_features == b.out_features and b.stride == 1, **common)
             for b in block_plan(self.widths, depth, self.dilations, self.strides)
         ])

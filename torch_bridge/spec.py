@@ -221,7 +221,7 @@ SPECS: tuple[ModuleSpec, ...] = (
     ModuleSpec("DSCNet", models.DSCNet, tnn.DSCNet,
                (Arg("num_classes", "num_classes"), Arg("in_features", "in_channels"),
                 Arg("width", "width"), Arg("depth", "depth"), Arg("widths", "widths"), Arg("strides", "strides"),
-                Arg("dilations", "dilations"), _ACT, MOMENTUM, EPSILON)),
+                Arg("dilations", "dilations"), Arg("kernel_size", "kernel_size"), _ACT, MOMENTUM, EPSILON)),
     ModuleSpec("UNet", models.UNet, tnn.UNet,
                (Arg("num_classes", "num_classes"), Arg("in_features", "in_channels"),
                 Arg("width", "width"), Arg("depth", "depth"), Arg("dilations", "dilations"),

@@ -104,6 +104,8 @@ class ModelConfig:
         [1, 2, 1], "dscnet: stride of each stage's first block (1 2 2: 32x32 images end at 8x8)")
     dilations: list[int] = _f(  # noqa: RUF009
         [2, 4], "dscnet: stage-3 dilations in turn (stage 2 alternates 1 and the first)")
+    dw_kernel_size: int = _f(3, "dscnet: taps (N x N, odd) of every separable block's depthwise conv; "
+                                "the stem stays 3x3")
     num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
     bn_momentum: float = _f(0.9, "BatchNorm momentum, Flax convention (0.9 == torch 0.1)")
     precision: Literal["float32", "bfloat16", "bf16-matmul"] = _f(
@@ -273,6 +275,10 @@ def validate(cfg: Config) -> Config:
     if m.widths and m.width not in (DEFAULT_WIDTH, m.widths[0]):
         raise ConfigError(f"--width {m.width} contradicts --widths {m.widths} (a preset may set --widths): "
                           f"give the three stage widths with --widths instead")
+    if m.dw_kernel_size < 1 or m.dw_kernel_size % 2 == 0:
+        raise ConfigError(f"--dw-kernel-size must be a positive odd int, got {m.dw_kernel_size}")
+    if m.dw_kernel_size != 3 and m.model not in ("dscnet", "jaxdsc:dscnet"):
+        raise ConfigError(f"--dw-kernel-size is for DSCNet, got --model {m.model}")
     if len(m.strides) != 3 or min(m.strides) < 1 or not m.dilations or min(m.dilations) < 1:
         raise ConfigError(f"--strides must be 3 positive ints and --dilations one or more, got {m.strides}, "
                           f"{m.dilations}")

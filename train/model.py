@@ -32,8 +32,8 @@ from jax import lax
 from jaxdsc.models import DSCNet, stage_config
 from train.config import ConfigError, ModelConfig
 
-DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "strides", "dilations", "activation",
-                     "momentum", "eps"}
+DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "strides", "dilations", "kernel_size",
+                     "activation", "momentum", "eps"}
 
 
 def precision_dtype(precision: str) -> Any:
@@ -53,18 +53,20 @@ def compute_dtype(cfg: ModelConfig) -> Any:
 def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The DSCNet architecture arguments of a model config (shared with the PyTorch reference)."""
     stages = {"widths": tuple(cfg.widths)} if cfg.widths else {"width": cfg.width}
-    return {**stages, "depth": cfg.depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations)}
+    return {**stages, "depth": cfg.depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations),
+            "kernel_size": cfg.dw_kernel_size}
 
 
 def describe(cfg: ModelConfig) -> str:
     """``dscnet w32 d2`` (the default stages) or ``dscnet widths 32-128-256 strides 1-2-2 d2 dil 1-2``."""
     default = ModelConfig()
+    taps = "" if cfg.dw_kernel_size == default.dw_kernel_size else f" k{cfg.dw_kernel_size}"
     if not cfg.widths and cfg.strides == default.strides and cfg.dilations == default.dilations:
-        return f"dscnet w{cfg.width} d{cfg.depth}"
+        return f"dscnet w{cfg.width} d{cfg.depth}{taps}"
     k = dscnet_kwargs(cfg)
     _, widths, strides, dilations = stage_config(k.get("width"), k.get("widths"), k["strides"], k["dilations"])
     dash = lambda v: "-".join(map(str, v))  # noqa: E731
-    return f"dscnet widths {dash(widths)} strides {dash(strides)} d{cfg.depth} dil {dash(dilations)}"
+    return f"dscnet widths {dash(widths)} strides {dash(strides)} d{cfg.depth}{taps} dil {dash(dilations)}"
 
 
 # Compiler options of the initialisation programs (:func:`compiled_init`: a model's parameters
@@ -223,7 +225,7 @@ def initial_model(cfg: ModelConfig, seed: int) -> tuple[nnx.Module, str]:
         if ckpt.name != "DSCNet":
             raise ConfigError(f"--init-from {path}: holds a {ckpt.name}, expected DSCNet")
         model, what = _from_torch_state(cfg, ckpt.config, ckpt.tensors, str(path)), "torch_bridge file"
-    note = f"init from {what} {path} (widths={model.widths}, depth={model.depth})"
+    note = f"init from {what} {path} (widths={model.widths}, depth={model.depth}, kernel_size={model.kernel_size})"
     if model.num_classes != cfg.num_classes:
         note += f"; new {cfg.num_classes}-class head replaces the {model.num_classes}-class one"
         model.head = nnx.Linear(model.widths[2], cfg.num_classes, rngs=nnx.Rngs(params=seed))

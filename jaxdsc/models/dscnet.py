@@ -79,6 +79,15 @@ def stage_config(width: int | None, widths: Sequence[int] | None, strides: Seque
     return widths[0], widths, strides, dilations
 
 
+def check_kernel_size(kernel_size: int) -> int:
+    """A DSCNet's depthwise ``kernel_size``: a positive odd int (the padding ``d(k-1)/2`` of both
+    frameworks is symmetric only for odd ``k``)."""
+    k = _checks.positive_int("kernel_size", kernel_size)
+    if k % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (symmetric 'same' padding), got {k}")
+    return k
+
+
 class DSCNet(nnx.Module):
     """Image classifier: normalise -> conv stem -> separable dilated blocks -> pool -> linear.
 
@@ -98,6 +107,8 @@ class DSCNet(nnx.Module):
         input at 16x16, ``(1, 2, 2)`` at 8x8.
       dilations: dilations of stage 3 in turn (stage 2 alternates 1 and
         ``dilations[0]``).
+      kernel_size: taps (``k x k``, odd) of every separable block's depthwise
+        conv; the stem stays 3x3.
       activation: activation name used throughout.
       momentum, epsilon: BatchNorm settings (Flax momentum convention).
       impl: ``"auto"``, ``"xla"``, ``"shift"`` or ``"native"``, for every op
@@ -117,6 +128,7 @@ class DSCNet(nnx.Module):
         widths: Sequence[int] | None = None,
         strides: Sequence[int] = (1, 2, 1),
         dilations: Sequence[int] = (2, 4),
+        kernel_size: int = 3,
         activation: str = "relu",
         momentum: float = 0.9,
         epsilon: float = 1e-5,
@@ -130,6 +142,7 @@ class DSCNet(nnx.Module):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.width, self.widths, self.strides, self.dilations = stage_config(width, widths, strides, dilations)
         self.depth = _checks.positive_int("depth", depth)
+        self.kernel_size = check_kernel_size(kernel_size)
         self.activation = check_activation("activation", activation)
         self.momentum, self.epsilon = momentum, epsilon
         self.dtype, self.impl = dtype, impl
@@ -143,7 +156,7 @@ class DSCNet(nnx.Module):
         self.stem = ConvBlock(in_features, self.width, 3, impl=impl, **common)
         self.blocks = nnx.List([
             SeparableBlock(
-                b.in_features, b.out_features, 3, strides=b.stride, kernel_dilation=b.dilation,
+                b.in_features, b.out_features, self.kernel_size, strides=b.stride, kernel_dilation=b.dilation,
                 residual=b.in_features == b.out_features and b.stride == 1, impl=impl, **common,
             )
             for b in block_plan(self.widths, depth, self.dilations, self.strides)
