@@ -50,7 +50,7 @@ def test_cutout_zeroes_one_clipped_square_at_a_uniform_centre(size):
     assert (zero.all(-1) == zero.any(-1)).all()  # every channel of a pixel alike
     centres = _check_squares(zero[..., 0], size)
     # Centres where the square is whole are exact; uniform over the 32 rows: every one of the
-    # rows size//2 .. 31 - size//2 (interior) occurs among 512 draws (P(miss one) < 1e-6).
+    # interior rows occurs among 512 draws (a given row is missed with probability (31/32)^512 < 1e-7).
     interior = range(size // 2, H - (size - size // 2) + 1)
     assert set(interior) <= set(centres[:, 0]) and set(interior) <= set(centres[:, 1])
     # A fresh key gives fresh squares.
