@@ -190,3 +190,14 @@ def test_torch_reference_autocast_step():
                                        autocast=autocast)(x.float() / 255, y, 0)) for autocast in (False, True)]
     assert np.isfinite(losses).all()
     assert 1e-5 < abs(losses[1] - losses[0]) < 2e-2 * losses[0], losses
+
+
+def test_dscnet_files_from_before_kernel_size_load_as_3x3():
+    """torch_bridge files written before DSCNet took ``kernel_size`` have no such key: 3x3 taps."""
+    from torch_bridge.spec import spec_for_name
+
+    kwargs = spec_for_name("DSCNet").jax_kwargs({"num_classes": 3, "width": 4, "depth": 1})
+    assert "kernel_size" not in kwargs
+    model = nnx.eval_shape(lambda: DSCNet(**kwargs, rngs=nnx.Rngs(0)))
+    assert {b.depthwise.kernel_size for b in model.blocks} == {(3, 3)}
+    assert spec_for_name("DSCNet").jax_kwargs({"kernel_size": 5}) == {"kernel_size": 5}
