@@ -212,6 +212,9 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in per.items()})
 
 
+DSCNET_NAMES = ("dscnet", "jaxdsc:dscnet")  # the --model values that build jaxdsc.models.DSCNet
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and combinations; raise :class:`ConfigError` with one line."""
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
@@ -235,11 +238,11 @@ def validate(cfg: Config) -> Config:
                     ("momentum", o.momentum), ("beta2", o.beta2), ("bn_momentum", m.bn_momentum)):
         if not 0 <= v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
-    if m.model_kwargs and m.model in ("dscnet", "jaxdsc:dscnet"):
+    if m.model_kwargs and m.model in DSCNET_NAMES:
         raise ConfigError("--model-kwargs is for zoo models; DSCNet takes --width/--depth")
-    if m.init_config and m.model not in ("dscnet", "jaxdsc:dscnet"):
+    if m.init_config and m.model not in DSCNET_NAMES:
         raise ConfigError("--init-config is for DSCNet; a zoo model's state dict needs none (--model-kwargs)")
-    if m.precision == "bf16-matmul" and m.model not in ("dscnet", "jaxdsc:dscnet"):
+    if m.precision == "bf16-matmul" and m.model not in DSCNET_NAMES:
         raise ConfigError(f"--precision bf16-matmul is for DSCNet (the cifar10-cpu preset sets it); --model {m.model} "
                           "takes --precision float32 or bfloat16")
     if m.init_config and not m.init_from:
@@ -277,7 +280,7 @@ def validate(cfg: Config) -> Config:
                           f"give the three stage widths with --widths instead")
     if m.dw_kernel_size < 1 or m.dw_kernel_size % 2 == 0:
         raise ConfigError(f"--dw-kernel-size must be a positive odd int, got {m.dw_kernel_size}")
-    if m.dw_kernel_size != 3 and m.model not in ("dscnet", "jaxdsc:dscnet"):
+    if m.dw_kernel_size != 3 and m.model not in DSCNET_NAMES:
         raise ConfigError(f"--dw-kernel-size is for DSCNet, got --model {m.model}")
     if len(m.strides) != 3 or min(m.strides) < 1 or not m.dilations or min(m.dilations) < 1:
         raise ConfigError(f"--strides must be 3 positive ints and --dilations one or more, got {m.strides}, "
