@@ -15,7 +15,7 @@ from flax import nnx
 from jaxdsc.models import DSCNet, block_plan
 from train import steps
 from train.config import PRESETS, ConfigError, validate, with_overrides
-from train.model import build, describe
+from train.model import build, describe, dscnet_kwargs
 from train.tta import mirror, shifted, tta_logits
 
 
@@ -51,6 +51,9 @@ def test_default_plan_is_unchanged_and_8x8_layout_dilates_after_downsampling():
     ({"dilations": (1, -2)}, "dilations"),
     ({"kernel_size": 4}, "kernel_size must be odd"),
     ({"kernel_size": 0}, "kernel_size"),
+    ({"depth": (2, 2)}, r"depth must be one int or one per stage \(3\), got \(2, 2\)"),
+    ({"depth": (2, 0, 2)}, "depth must be >= 1, got 0"),
+    ({"stem_width": 0}, "stem_width must be >= 1, got 0"),
 ])
 def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -70,6 +73,11 @@ def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
     ({"model": {"stem_init": "whiten", "model": "torchvision:mobilenet_v2"}},
      "--stem-init whiten is for a fresh --model dscnet"),
     ({"model": {"stem_init": "whiten", "init_from": "runs/x"}}, "--stem-init whiten is for a fresh --model dscnet"),
+    ({"model": {"depths": [2, 2]}}, "--depths must be 3 positive ints, got"),
+    ({"model": {"depths": [2, 2, 2], "depth": 3}}, "--depth 3 contradicts --depths"),
+    ({"model": {"depths": [2, 2, 2], "model": "torchvision:mobilenet_v2"}}, "--depths is for DSCNet"),
+    ({"model": {"stem_width": -1}}, "--stem-width must be >= 0"),
+    ({"model": {"stem_width": 8, "model": "torchvision:mobilenet_v2"}}, "--stem-width is for DSCNet"),
     ({"model": {"dw_kernel_size": 4}}, "--dw-kernel-size must be a positive odd int, got 4"),
     ({"model": {"dw_kernel_size": 5, "model": "torchvision:mobilenet_v2"}}, "--dw-kernel-size is for DSCNet"),
 ])
@@ -90,6 +98,22 @@ def test_cifar10_cpu_preset_uses_dilation_after_downsampling_to_8x8():
     k = with_overrides(cfg, {"dw_kernel_size": 7}).model
     assert [b.depthwise.kernel_size for b in nnx.eval_shape(lambda: build(k, 0)).blocks] == [(7, 7)] * 6
     assert with_overrides(cfg, {"widths": [8, 16, 24]}).model.widths == [8, 16, 24]
+
+
+def test_depths_and_stem_width_shape_the_net():
+    cfg = with_overrides(PRESETS["cifar10-cpu"], {"depths": [3, 1, 2]}).model
+    assert "d3-1-2" in describe(cfg)
+    model = nnx.eval_shape(lambda: build(cfg, 0))
+    w1, w2, w3 = cfg.widths
+    assert [b.pointwise.out_features for b in model.blocks] == [w1] * 3 + [w2] + [w3] * 2
+    assert [b.strides for b in model.blocks] == [(2, 2), (1, 1), (1, 1), (2, 2), (1, 1), (1, 1)]
+    assert model.depth == (3, 1, 2)
+    narrow = nnx.eval_shape(lambda: build(with_overrides(PRESETS["cifar10-cpu"], {"stem_width": 16}).model, 0))
+    assert narrow.stem.conv.out_features == narrow.blocks[0].in_features == 16
+    assert narrow.blocks[0].out_features == w1 and not narrow.blocks[0].residual
+    assert "stem16" in describe(with_overrides(PRESETS["cifar10-cpu"], {"stem_width": 16}).model)
+    with pytest.raises(TypeError, match="depth must be an int, got '2'"):
+        DSCNet(10, depth=(2, "2", 2), rngs=nnx.Rngs(0))
 
 
 def test_shifted_views_move_the_image_one_pixel_with_reflection():
@@ -193,11 +217,14 @@ def test_torch_reference_autocast_step():
 
 
 def test_dscnet_files_from_before_kernel_size_load_as_3x3():
-    """torch_bridge files written before DSCNet took ``kernel_size`` have no such key: 3x3 taps."""
+    """torch_bridge files written before DSCNet took ``kernel_size`` and ``stem_width`` have no such
+    keys: 3x3 taps, a stem as wide as the first stage."""
     from torch_bridge.spec import spec_for_name
 
     kwargs = spec_for_name("DSCNet").jax_kwargs({"num_classes": 3, "width": 4, "depth": 1})
     assert "kernel_size" not in kwargs
     model = nnx.eval_shape(lambda: DSCNet(**kwargs, rngs=nnx.Rngs(0)))
     assert {b.depthwise.kernel_size for b in model.blocks} == {(3, 3)}
+    assert model.stem_width == model.stem.conv.out_features == 4
     assert spec_for_name("DSCNet").jax_kwargs({"kernel_size": 5}) == {"kernel_size": 5}
+    assert "stem_width" not in dscnet_kwargs(PRESETS["cifar10-cpu"].model)  # the default writes no new key

@@ -412,14 +412,15 @@ STAGES_8X8 = {"widths": (4, 8, 12), "strides": (1, 2, 2), "dilations": (1, 2)}  
     [(3, 1, "relu", True, "float32", {}), (3, 1, "relu", False, "float32", {}), (1, 2, "silu", True, "float32", {}),
      (3, 1, "relu", True, "float64", {}), (3, 1, "relu", False, "float64", {}),
      (3, 2, "relu", True, "float32", STAGES_8X8), (3, 3, "relu", False, "float64", STAGES_8X8),
-     (3, 2, "relu", True, "float32", {**STAGES_8X8, "kernel_size": 5})],
+     (3, 2, "relu", True, "float32", {**STAGES_8X8, "kernel_size": 5}),
+     (3, (1, 3, 2), "relu", True, "float32", {**STAGES_8X8, "stem_width": 6})],
 )
 def test_dscnet(in_features, depth, activation, train, dtype_name, stages):
     with x64_enabled() if dtype_name == "float64" else contextlib.nullcontext():
         _dscnet(in_features, depth, activation, train, DTYPES[dtype_name], stages)
 
 
-def _dscnet(in_features: int, depth: int, activation: str, train: bool, dtype: tuple[Any, Any, float],
+def _dscnet(in_features: int, depth: int | tuple[int, int, int], activation: str, train: bool, dtype: tuple[Any, Any, float],
             stages: dict[str, Any]) -> None:
     pdt, npdt, rtol = dtype
     arch = stages or {"width": 4}

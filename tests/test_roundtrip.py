@@ -66,6 +66,9 @@ FAMILIES: dict[str, tuple[Callable[[Any], nnx.Module], tuple[int, ...]]] = {
                                      param_dtype=dt, rngs=nnx.Rngs(9)), (2, 16, 16, 3)),
     "DSCNet-k5": (lambda dt: DSCNet(num_classes=3, widths=(4, 8, 12), strides=(1, 2, 1), dilations=(2,), depth=1,
                                     kernel_size=5, param_dtype=dt, rngs=nnx.Rngs(10)), (2, 16, 16, 3)),
+    "DSCNet-depths-stem": (lambda dt: DSCNet(num_classes=3, widths=(4, 8, 12), strides=(2, 2, 1),
+                                             dilations=(2, 4), depth=(2, 1, 3), stem_width=3, param_dtype=dt,
+                                             rngs=nnx.Rngs(11)), (2, 16, 16, 3)),
 }
 
 

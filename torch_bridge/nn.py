@@ -21,7 +21,7 @@ from torch import nn
 
 from jaxdsc import _checks
 from jaxdsc.models import CIFAR10_MEAN, CIFAR10_STD, block_plan, stage_config
-from jaxdsc.models.dscnet import check_kernel_size
+from jaxdsc.models.dscnet import check_depth, check_kernel_size
 from jaxdsc.padding import PaddingLike, canonical_padding, resolve_padding
 
 IntOrTuple = int | Sequence[int]
@@ -384,11 +384,12 @@ class DSCNet(nn.Module):
         *,
         in_channels: int = 3,
         width: int | None = None,
-        depth: int = 2,
+        depth: int | Sequence[int] = 2,
         widths: Sequence[int] | None = None,
         strides: Sequence[int] = (1, 2, 1),
         dilations: Sequence[int] = (2, 4),
         kernel_size: int = 3,
+        stem_width: int | None = None,
         activation: str = "relu",
         momentum: float = 0.1,
         eps: float = 1e-5,
@@ -397,8 +398,9 @@ class DSCNet(nn.Module):
         self.num_classes = _checks.positive_int("num_classes", num_classes)
         self.in_channels = _checks.positive_int("in_channels", in_channels)
         self.width, self.widths, self.strides, self.dilations = stage_config(width, widths, strides, dilations)
-        self.depth = _checks.positive_int("depth", depth)
+        self.depth = check_depth(depth)
         self.kernel_size = check_kernel_size(kernel_size)
+        self.stem_width = self.width if stem_width is None else _checks.positive_int("stem_width", stem_width)
         self.activation = _check_activation("activation", activation)
         self.momentum, self.eps = momentum, eps
         if in_channels == 3:
@@ -407,11 +409,11 @@ class DSCNet(nn.Module):
             mean, std = (0.5,) * in_channels, (0.5,) * in_channels
         common = dict(activation=activation, momentum=momentum, eps=eps)
         self.normalize = Normalize(in_channels, mean, std)
-        self.stem = ConvBlock(in_channels, self.width, 3, **common)
+        self.stem = ConvBlock(in_channels, self.stem_width, 3, **common)
         self.blocks = nn.ModuleList([
             SeparableBlock(b.in_features, b.out_features, self.kernel_size, stride=b.stride, dilation=b.dilation,
                            residual=b.in_features == b.out_features and b.stride == 1, **common)
-            for b in block_plan(self.widths, depth, self.dilations, self.strides)
+            for b in block_plan(self.widths, self.depth, self.dilations, self.strides, self.stem_width)
         ])
         self.head = nn.Linear(self.widths[2], num_classes)
 

@@ -95,6 +95,8 @@ class ModelConfig:
     gated: bool = _f(False, "tcn: gated linear units instead of ReLU")
     width: int = _f(DEFAULT_WIDTH, "dscnet: channels of the first stage (then 2w, 4w)")
     depth: int = _f(2, "dscnet: separable blocks per stage (3 stages)")
+    depths: list[int] = _f(  # noqa: RUF009 - _f turns a list default into a default_factory
+        [], "dscnet: the blocks of each of the three stages (empty: --depth in each)")
     stem_init: Literal["random", "whiten"] = _f(
         "random", "dscnet: the stem conv's initialisation: random, or whiten (its first filters the whitening "
                   "of the training images' 3x3 patches and their negatives, airbench's stem; train/whiten.py)")
@@ -104,6 +106,7 @@ class ModelConfig:
         [1, 2, 1], "dscnet: stride of each stage's first block (1 2 2: 32x32 images end at 8x8)")
     dilations: list[int] = _f(  # noqa: RUF009
         [2, 4], "dscnet: stage-3 dilations in turn (stage 2 alternates 1 and the first)")
+    stem_width: int = _f(0, "dscnet: channels of the 3x3 stem conv (0: the first stage's width)")
     dw_kernel_size: int = _f(3, "dscnet: taps (N x N, odd) of every separable block's depthwise conv; "
                                 "the stem stays 3x3")
     num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
@@ -278,6 +281,17 @@ def validate(cfg: Config) -> Config:
     if m.widths and m.width not in (DEFAULT_WIDTH, m.widths[0]):
         raise ConfigError(f"--width {m.width} contradicts --widths {m.widths} (a preset may set --widths): "
                           f"give the three stage widths with --widths instead")
+    if m.depths and (len(m.depths) != 3 or min(m.depths) < 1):
+        raise ConfigError(f"--depths must be 3 positive ints, got {m.depths}")
+    if m.depths and m.model not in DSCNET_NAMES:
+        raise ConfigError(f"--depths is for DSCNet, got --model {m.model}")
+    if m.depths and m.depth != ModelConfig.depth:
+        raise ConfigError(f"--depth {m.depth} contradicts --depths {m.depths} (a preset may set either): "
+                          f"give the three stage depths with --depths alone")
+    if m.stem_width < 0:
+        raise ConfigError(f"--stem-width must be >= 0 (0: the first stage's width), got {m.stem_width}")
+    if m.stem_width and m.model not in DSCNET_NAMES:
+        raise ConfigError(f"--stem-width is for DSCNet, got --model {m.model}")
     if m.dw_kernel_size < 1 or m.dw_kernel_size % 2 == 0:
         raise ConfigError(f"--dw-kernel-size must be a positive odd int, got {m.dw_kernel_size}")
     if m.dw_kernel_size != 3 and m.model not in DSCNET_NAMES:

@@ -33,7 +33,7 @@ from jaxdsc.models import DSCNet, stage_config
 from train.config import ConfigError, ModelConfig
 
 DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "strides", "dilations", "kernel_size",
-                     "activation", "momentum", "eps"}
+                     "stem_width", "activation", "momentum", "eps"}
 
 
 def precision_dtype(precision: str) -> Any:
@@ -53,20 +53,25 @@ def compute_dtype(cfg: ModelConfig) -> Any:
 def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The DSCNet architecture arguments of a model config (shared with the PyTorch reference)."""
     stages = {"widths": tuple(cfg.widths)} if cfg.widths else {"width": cfg.width}
-    return {**stages, "depth": cfg.depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations),
-            "kernel_size": cfg.dw_kernel_size}
+    depth = tuple(cfg.depths) if cfg.depths else cfg.depth
+    # No "stem_width" key for the default stem: configs stay those of models built before it existed.
+    stem = {"stem_width": cfg.stem_width} if cfg.stem_width else {}
+    return {**stages, "depth": depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations),
+            "kernel_size": cfg.dw_kernel_size, **stem}
 
 
 def describe(cfg: ModelConfig) -> str:
     """``dscnet w32 d2`` (the default stages) or ``dscnet widths 32-128-256 strides 1-2-2 d2 dil 1-2``."""
     default = ModelConfig()
+    dash = lambda v: "-".join(map(str, v))  # noqa: E731
     taps = "" if cfg.dw_kernel_size == default.dw_kernel_size else f" k{cfg.dw_kernel_size}"
+    taps += f" stem{cfg.stem_width}" if cfg.stem_width else ""
+    depth = dash(cfg.depths) if cfg.depths else cfg.depth
     if not cfg.widths and cfg.strides == default.strides and cfg.dilations == default.dilations:
-        return f"dscnet w{cfg.width} d{cfg.depth}{taps}"
+        return f"dscnet w{cfg.width} d{depth}{taps}"
     k = dscnet_kwargs(cfg)
     _, widths, strides, dilations = stage_config(k.get("width"), k.get("widths"), k["strides"], k["dilations"])
-    dash = lambda v: "-".join(map(str, v))  # noqa: E731
-    return f"dscnet widths {dash(widths)} strides {dash(strides)} d{cfg.depth}{taps} dil {dash(dilations)}"
+    return f"dscnet widths {dash(widths)} strides {dash(strides)} d{depth}{taps} dil {dash(dilations)}"
 
 
 # Compiler options of the initialisation programs (:func:`compiled_init`: a model's parameters

@@ -30,15 +30,17 @@ class BlockSpec(NamedTuple):
 
 def block_plan(
     width: int | Sequence[int],
-    depth: int,
+    depth: int | Sequence[int],
     dilations: Sequence[int] = (2, 4),
     strides: Sequence[int] = (1, 2, 1),
+    stem_width: int | None = None,
 ) -> list[BlockSpec]:
     """The separable blocks of :class:`DSCNet` (shared with its PyTorch twin).
 
-    Three stages of ``depth`` blocks; ``width`` is the first stage's width
-    (stages ``w, 2w, 4w``) or the three widths. The first block of stage ``i``
-    has stride ``strides[i]``. Dilations:
+    Three stages of ``depth`` blocks (or ``depth[i]`` in stage ``i``); ``width``
+    is the first stage's width (stages ``w, 2w, 4w``) or the three widths. The
+    first block of stage ``i`` has stride ``strides[i]``; the first block of all
+    takes ``stem_width`` channels (default: the first stage's width). Dilations:
 
     1. stage 1: 1;
     2. stage 2: 1 then ``dilations[0]``, alternating;
@@ -49,12 +51,14 @@ def block_plan(
     """
     w1, w2, w3 = (width, 2 * width, 4 * width) if isinstance(width, int) else tuple(width)
     s1, s2, s3 = strides
-    plan = [BlockSpec(w1, w1, s1 if i == 0 else 1, 1) for i in range(depth)]
+    d1, d2, d3 = (depth,) * 3 if isinstance(depth, int) else tuple(depth)
+    w0 = w1 if stem_width is None else stem_width
+    plan = [BlockSpec(w0 if i == 0 else w1, w1, s1 if i == 0 else 1, 1) for i in range(d1)]
     plan += [BlockSpec(w1 if i == 0 else w2, w2, s2 if i == 0 else 1, (1, dilations[0])[i % 2])
-             for i in range(depth)]
+             for i in range(d2)]
     plan += [BlockSpec(w2 if i == 0 else w3, w3, s3 if i == 0 else 1,
                        1 if i == 0 and s3 > 1 else dilations[i % len(dilations)])
-             for i in range(depth)]
+             for i in range(d3)]
     return plan
 
 
@@ -79,6 +83,16 @@ def stage_config(width: int | None, widths: Sequence[int] | None, strides: Seque
     return widths[0], widths, strides, dilations
 
 
+def check_depth(depth: int | Sequence[int]) -> int | tuple[int, int, int]:
+    """A DSCNet's ``depth``: one positive int (blocks in each stage) or three (one per stage)."""
+    if not isinstance(depth, Sequence) or isinstance(depth, str):
+        return _checks.positive_int("depth", depth)
+    depths = tuple(_checks.positive_int("depth", v) for v in depth)
+    if len(depths) != 3:
+        raise ValueError(f"depth must be one int or one per stage (3), got {depths}")
+    return depths
+
+
 def check_kernel_size(kernel_size: int) -> int:
     """A DSCNet's depthwise ``kernel_size``: a positive odd int (the padding ``d(k-1)/2`` of both
     frameworks is symmetric only for odd ``k``)."""
@@ -100,7 +114,8 @@ class DSCNet(nnx.Module):
       num_classes: output logits.
       in_features: image channels.
       width: channels of the first stage (then ``2w`` and ``4w``); default 32.
-      depth: separable blocks per stage (3 stages, see :func:`block_plan`).
+      depth: separable blocks per stage, or one count per stage (3 stages,
+        see :func:`block_plan`).
       widths: the three stage widths instead (``width``, if given, must be
         the first).
       strides: stride of each stage's first block; ``(1, 2, 1)`` ends a 32x32
@@ -109,6 +124,9 @@ class DSCNet(nnx.Module):
         ``dilations[0]``).
       kernel_size: taps (``k x k``, odd) of every separable block's depthwise
         conv; the stem stays 3x3.
+      stem_width: channels of the stem conv (default: the first stage's
+        width); a narrower stem keeps the full-resolution maps cheap while
+        the first stage widens after its strided block.
       activation: activation name used throughout.
       momentum, epsilon: BatchNorm settings (Flax momentum convention).
       impl: ``"auto"``, ``"xla"``, ``"shift"`` or ``"native"``, for every op
@@ -124,11 +142,12 @@ class DSCNet(nnx.Module):
         *,
         in_features: int = 3,
         width: int | None = None,
-        depth: int = 2,
+        depth: int | Sequence[int] = 2,
         widths: Sequence[int] | None = None,
         strides: Sequence[int] = (1, 2, 1),
         dilations: Sequence[int] = (2, 4),
         kernel_size: int = 3,
+        stem_width: int | None = None,
         activation: str = "relu",
         momentum: float = 0.9,
         epsilon: float = 1e-5,
@@ -141,8 +160,9 @@ class DSCNet(nnx.Module):
         self.num_classes = _checks.positive_int("num_classes", num_classes)
         self.in_features = _checks.positive_int("in_features", in_features)
         self.width, self.widths, self.strides, self.dilations = stage_config(width, widths, strides, dilations)
-        self.depth = _checks.positive_int("depth", depth)
+        self.depth = check_depth(depth)
         self.kernel_size = check_kernel_size(kernel_size)
+        self.stem_width = self.width if stem_width is None else _checks.positive_int("stem_width", stem_width)
         self.activation = check_activation("activation", activation)
         self.momentum, self.epsilon = momentum, epsilon
         self.dtype, self.impl = dtype, impl
@@ -153,13 +173,13 @@ class DSCNet(nnx.Module):
         else:
             mean, std = (0.5,) * in_features, (0.5,) * in_features
         self.normalize = Normalize(in_features, mean, std, param_dtype=param_dtype)
-        self.stem = ConvBlock(in_features, self.width, 3, impl=impl, **common)
+        self.stem = ConvBlock(in_features, self.stem_width, 3, impl=impl, **common)
         self.blocks = nnx.List([
             SeparableBlock(
                 b.in_features, b.out_features, self.kernel_size, strides=b.stride, kernel_dilation=b.dilation,
                 residual=b.in_features == b.out_features and b.stride == 1, impl=impl, **common,
             )
-            for b in block_plan(self.widths, depth, self.dilations, self.strides)
+            for b in block_plan(self.widths, self.depth, self.dilations, self.strides, self.stem_width)
         ])
         self.head = nnx.Linear(self.widths[2], num_classes, param_dtype=param_dtype, rngs=rngs)
 
