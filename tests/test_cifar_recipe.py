@@ -227,4 +227,4 @@ def test_dscnet_files_from_before_kernel_size_load_as_3x3():
     assert {b.depthwise.kernel_size for b in model.blocks} == {(3, 3)}
     assert model.stem_width == model.stem.conv.out_features == 4
     assert spec_for_name("DSCNet").jax_kwargs({"kernel_size": 5}) == {"kernel_size": 5}
-    assert "stem_width" not in dscnet_kwargs(PRESETS["cifar10-cpu"].model)  # the default writes no new key
+    assert "stem_width" not in dscnet_kwargs(PRESETS["default"].model)  # the default stem writes no new key
