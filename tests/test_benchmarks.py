@@ -93,6 +93,18 @@ def test_train_step_benchmark_matches_pytorch(tmp_path: Path) -> None:
     assert cfg["images_per_second"]["jax_train"] > 0
 
 
+def test_step_scan_times_each_variant_against_the_first() -> None:
+    proc = _run([sys.executable, str(BENCH / "step_scan.py"), "--preset", "tiny", "ref={}",
+                 'narrow={"stem_width": 4, "depths": [1, 2, 1]}', "--rounds", "1", "--block-s", "0.01"])
+    lines = {ln.split(":")[0].strip(): ln for ln in proc.stdout.splitlines() if " img/s " in ln}
+    assert set(lines) == {"ref", "narrow"}
+    assert " 1.000x " in lines["ref"] and lines["ref"].endswith("dscnet w8 d1")
+    assert "d1-2-1" in lines["narrow"] and "stem4" in lines["narrow"]
+    bad = subprocess.run([sys.executable, str(BENCH / "step_scan.py"), "--preset", "tiny", 'x={"nope": 1}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "variant 'x': unknown config field 'nope'" in bad.stderr
+
+
 def test_stream_reference_patterns() -> None:
     sys.path.insert(0, str(BENCH))
     try:

@@ -112,6 +112,18 @@ def test_depths_and_stem_width_shape_the_net():
     assert narrow.stem.conv.out_features == narrow.blocks[0].in_features == 16
     assert narrow.blocks[0].out_features == w1 and not narrow.blocks[0].residual
     assert "stem16" in describe(with_overrides(PRESETS["cifar10-cpu"], {"stem_width": 16}).model)
+
+
+def test_depths_and_widths_flags_replace_the_presets_depth_and_width():
+    """``tiny`` sets depth 1 and width 8: ``--depths`` / ``--widths`` alone replace them; both a
+    ``--depth`` and a ``--depths`` given contradict."""
+    from train.cli import parse
+
+    cfg, _ = parse(["--preset", "tiny", "--depths", "1", "2", "1", "--widths", "4", "8", "12"])
+    assert (cfg.model.depths, cfg.model.widths) == ([1, 2, 1], [4, 8, 12])
+    assert describe(cfg.model).startswith("dscnet widths 4-8-12") and "d1-2-1" in describe(cfg.model)
+    with pytest.raises(ConfigError, match="--depth 3 contradicts --depths"):
+        validate(with_overrides(PRESETS["tiny"], {"depths": [1, 2, 1], "depth": 3}))
     with pytest.raises(TypeError, match="depth must be an int, got '2'"):
         DSCNet(10, depth=(2, "2", 2), rngs=nnx.Rngs(0))
 

@@ -204,9 +204,20 @@ def flat_fields() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
     return out
 
 
+REPLACES = {"depths": "depth", "widths": "width"}  # flat fields that, set, make the other one redundant
+
+
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """``cfg`` with flat field overrides applied (``{"lr": 0.1, "epochs": 3}``)."""
+    """``cfg`` with flat field overrides applied (``{"lr": 0.1, "epochs": 3}``).
+
+    A field that replaces another (``depths`` -> ``depth``, ``widths`` -> ``width``) given without
+    it resets that one to its default, so a preset's value does not contradict the override.
+    """
     table = flat_fields()
+    overrides = dict(overrides)
+    for field_name, replaced in REPLACES.items():
+        if overrides.get(field_name) and replaced not in overrides:
+            overrides[replaced] = table[replaced][1].default
     per: dict[str, dict[str, Any]] = {}
     for name, value in overrides.items():
         if name not in table:
