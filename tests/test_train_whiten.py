@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxdsc.models import DSCNet
 from jaxdsc.models.dscnet import CIFAR10_MEAN, CIFAR10_STD
-from train.config import PRESETS
+from train.config import PRESETS, validate
 from train.testing import synthetic
 from train.whiten import EPS, patch_whitening, stem_filters, whiten_stem
 
@@ -88,7 +88,8 @@ def test_a_stem_narrower_than_two_filters_per_component_takes_the_top_pairs():
     assert stem_filters(synthetic(8, 0)[0], MEAN, STD, 3, 5).shape == (3, 3, 3, 4)  # 5 channels: 2 pairs
 
 
-def test_trainer_starts_from_the_whitened_stem(tmp_path):
+@pytest.mark.parametrize("name", ["dscnet", "jaxdsc:dscnet"])  # both --model names build DSCNet
+def test_trainer_starts_from_the_whitened_stem(tmp_path, name):
     from train.data import load
     from train.loop import Trainer
     from train.testing import write_cifar10
@@ -96,9 +97,9 @@ def test_trainer_starts_from_the_whitened_stem(tmp_path):
     data = write_cifar10(tmp_path / "cifar", 64, 16)
     cfg = PRESETS["tiny"]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data)),
-                              model=dataclasses.replace(cfg.model, stem_init="whiten"),
+                              model=dataclasses.replace(cfg.model, model=name, stem_init="whiten"),
                               run=dataclasses.replace(cfg.run, workdir=str(tmp_path / "run")))
-    trainer = Trainer(cfg)
+    trainer = Trainer(validate(cfg))
     kernel = np.asarray(trainer.state.params["stem"]["conv"]["kernel"])
     want = stem_filters(load(data).train_images, *DSCNET_NORM, 3, cfg.model.width)
     np.testing.assert_array_equal(kernel, want)

@@ -314,7 +314,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--schedule plateau reads the validation loss of every epoch: it needs a task with a "
                           f"validation split ({', '.join(MUSIC_TASKS)}) and --eval-every 1, got --task {d.task} "
                           f"--eval-every {r.eval_every}")
-    if m.stem_init == "whiten" and (m.model != "dscnet" or m.init_from):
+    if m.stem_init == "whiten" and (m.model not in DSCNET_NAMES or m.init_from):
         raise ConfigError(f"--stem-init whiten is for a fresh --model dscnet, got --model {m.model}"
                           + (f" --init-from {m.init_from}" if m.init_from else ""))
     if d.train_sizes and d.task != "cifar10":

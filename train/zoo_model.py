@@ -34,10 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.config import ConfigError, ModelConfig
+from train.config import DSCNET_NAMES, ConfigError, ModelConfig
 from train.model import compiled_init, precision_dtype
 
-DSCNET_NAMES = ("dscnet", "jaxdsc:dscnet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_KEYS = ("input_mean", "input_std")
