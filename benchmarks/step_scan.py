@@ -4,8 +4,8 @@ What chose the ``cifar10-cpu`` layout (BENCHMARKS.md, "CIFAR-10 training runs"):
 the preset with trainer-config overrides (the flat field names of ``train.config``, as
 ``--widths`` -> ``widths``), built and stepped as ``benchmarks/train_step.py`` does (the trainer's
 model, optimizer, donated state, augmentation and on-device batch gather), on random uint8
-images, interleaved by ``benchmarks/_harness.py``. The first variant is the reference of the
-ratios. No PyTorch here: ``benchmarks/run_train_step.sh`` measures the preset against it.
+images (or ``--data-dir``'s CIFAR-10), interleaved by ``benchmarks/_harness.py``. The first
+variant is the reference of the ratios. No PyTorch here: ``benchmarks/run_train_step.sh`` measures the preset against it.
 
     python benchmarks/step_scan.py base='{}' w128='{"widths": [128, 256, 384]}' \\
         stem32='{"widths": [128, 256, 384], "stem_width": 32}' --rounds 3 --block-s 8
@@ -23,13 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from _harness import env_info, time_interleaved
-from train_step import JaxTrainer
+from train_step import JaxTrainer, _data
 
 from train.config import PRESETS, ConfigError, validate, with_overrides
 from train.feed import Split, epoch_order, make_mesh
 from train.model import describe
-
-TRAIN_IMAGES = 50_000
 
 
 def _variant(text: str) -> tuple[str, dict]:
@@ -48,12 +46,11 @@ def main() -> int:
     ap.add_argument("variants", nargs="+", type=_variant, help="NAME='{\"field\": value, ...}' (first: reference)")
     ap.add_argument("--preset", default="cifar10-cpu", choices=sorted(PRESETS))
     ap.add_argument("--image-size", type=int, default=0, help="training size (0: the data's 32x32)")
+    ap.add_argument("--data-dir", default="", help="real CIFAR-10 (else random uint8 images; speed is the same)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--block-s", type=float, default=12.0, help="seconds per variant per round")
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (TRAIN_IMAGES, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, TRAIN_IMAGES).astype(np.int32)
+    images, labels, _ = _data(args)
     mesh = make_mesh()
     split = Split(images, labels, mesh, on_device=True)
     fns, configs = {}, {}
@@ -63,7 +60,7 @@ def main() -> int:
         except ConfigError as e:
             ap.error(f"variant {name!r}: {e}")
         bs = cfg.optim.batch_size
-        spe = TRAIN_IMAGES // bs
+        spe = len(images) // bs
         jt = JaxTrainer(cfg, mesh, spe, image_size=args.image_size)
         order, count = epoch_order(cfg.run.seed, 0, split.n), [0]
 

@@ -294,19 +294,17 @@ def validate(cfg: Config) -> Config:
                           f"give the three stage widths with --widths instead")
     if m.depths and (len(m.depths) != 3 or min(m.depths) < 1):
         raise ConfigError(f"--depths must be 3 positive ints, got {m.depths}")
-    if m.depths and m.model not in DSCNET_NAMES:
-        raise ConfigError(f"--depths is for DSCNet, got --model {m.model}")
+    if m.stem_width < 0:
+        raise ConfigError(f"--stem-width must be >= 0 (0: the first stage's width), got {m.stem_width}")
+    if m.dw_kernel_size < 1 or m.dw_kernel_size % 2 == 0:
+        raise ConfigError(f"--dw-kernel-size must be a positive odd int, got {m.dw_kernel_size}")
+    dscnet_only = {"--depths": bool(m.depths), "--stem-width": bool(m.stem_width),
+                   "--dw-kernel-size": m.dw_kernel_size != ModelConfig.dw_kernel_size}
+    for flag in (f for f, is_set in dscnet_only.items() if is_set and m.model not in DSCNET_NAMES):
+        raise ConfigError(f"{flag} is for DSCNet, got --model {m.model}")
     if m.depths and m.depth != ModelConfig.depth:
         raise ConfigError(f"--depth {m.depth} contradicts --depths {m.depths} (a preset may set either): "
                           f"give the three stage depths with --depths alone")
-    if m.stem_width < 0:
-        raise ConfigError(f"--stem-width must be >= 0 (0: the first stage's width), got {m.stem_width}")
-    if m.stem_width and m.model not in DSCNET_NAMES:
-        raise ConfigError(f"--stem-width is for DSCNet, got --model {m.model}")
-    if m.dw_kernel_size < 1 or m.dw_kernel_size % 2 == 0:
-        raise ConfigError(f"--dw-kernel-size must be a positive odd int, got {m.dw_kernel_size}")
-    if m.dw_kernel_size != 3 and m.model not in DSCNET_NAMES:
-        raise ConfigError(f"--dw-kernel-size is for DSCNet, got --model {m.model}")
     if len(m.strides) != 3 or min(m.strides) < 1 or not m.dilations or min(m.dilations) < 1:
         raise ConfigError(f"--strides must be 3 positive ints and --dilations one or more, got {m.strides}, "
                           f"{m.dilations}")
