@@ -343,8 +343,8 @@ def _cifar10_cpu() -> Config:
     # ~30 min of training on 2 CPU cores (figures: BENCHMARKS.md, "CIFAR-10 training runs"). Stages
     # 128/256/384: the first downsamples to 16x16 (a 32x32 stage cost most of the old 32/128/256 layout's
     # step) and is 128 wide behind a 32-channel stem (the 32x32 maps are the step's dearest: a 128-wide
-    # stem cost 0.68x the images/s, this 0.87x; +0.8 points at 10 epochs, +1.07 / +0.36 at seeds 0 / 1 over
-    # 64-wide); the last stays at 8x8 with dilations 2, 4 (receptive field without more downsampling), 384 wide.
+    # stem cost 0.68x the images/s, this 0.87x; +0.8 points at 10 epochs, +0.51 over 64-wide in 3 full
+    # seeds); the last stays at 8x8 with dilations 2, 4 (receptive field without more downsampling), 384 wide.
     return Config(
         data=DataConfig(
             crop_padding=2,  # airbench's translation; +0.4-0.8 points over 4 at 8 epochs
@@ -356,7 +356,7 @@ def _cifar10_cpu() -> Config:
                           # Pointwise GEMMs on AMX (float32 without it): 1.4x the step; 10 epochs 84.99% vs 85.13%.
                           precision="bf16-matmul"),
         optim=OptimConfig(
-            epochs=35,  # what fits 30 minutes on the slower windows of the Intel VM at bf16-matmul's speed (25 before)
+            epochs=35,  # 35.9 min alone on the Intel VM in an evening window, about 23 at noon's speed (25 before)
             batch_size=128,  # larger batches are no faster on CPU (256: 0.84x the img/s at 32x32); more steps help
             lr=0.1, warmup_epochs=2.0, label_smoothing=0.1,
             # Decoupled, so x lr: 1e-3 per step at the peak, near ResNet-CIFAR's (coupled 5e-4 at lr 0.1
