@@ -80,6 +80,7 @@ def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
     ({"model": {"stem_width": 8, "model": "torchvision:mobilenet_v2"}}, "--stem-width is for DSCNet"),
     ({"model": {"dw_kernel_size": 4}}, "--dw-kernel-size must be a positive odd int, got 4"),
     ({"model": {"dw_kernel_size": 5, "model": "torchvision:mobilenet_v2"}}, "--dw-kernel-size is for DSCNet"),
+    ({"model": {"activation": "silu", "model": "torchvision:mobilenet_v2"}}, "--activation is for DSCNet"),
 ])
 def test_recipe_flags_are_validated(overrides, match):
     cfg = PRESETS["tiny"]
@@ -112,6 +113,33 @@ def test_depths_and_stem_width_shape_the_net():
     assert narrow.stem.conv.out_features == narrow.blocks[0].in_features == 16
     assert narrow.blocks[0].out_features == w1 and not narrow.blocks[0].residual
     assert "stem16" in describe(with_overrides(PRESETS["cifar10-cpu"], {"stem_width": 16}).model)
+
+
+def test_activation_flag_builds_the_same_net_in_both_frameworks():
+    """``--activation`` reaches every BatchNorm of the JAX net and of the PyTorch reference's twin; its
+    choices are names both frameworks know; relu (the default) writes no config key."""
+    import importlib.util
+    import typing
+    from pathlib import Path
+
+    from jaxdsc.activations import ACTIVATIONS
+    from torch_bridge.nn import TORCH_ACTIVATIONS
+    from train.config import ModelConfig
+
+    choices = set(typing.get_args(typing.get_type_hints(ModelConfig)["activation"]))
+    assert choices <= set(ACTIVATIONS) & set(TORCH_ACTIVATIONS)
+    cfg = with_overrides(PRESETS["cifar10-cpu"], {"activation": "silu"}).model
+    assert describe(cfg).endswith("stem32 silu dil 2-4")
+    model = nnx.eval_shape(lambda: build(cfg, 0))
+    assert model.activation == model.stem.activation == "silu"
+    assert {b.activation for b in model.blocks} == {"silu"}
+    path = Path(__file__).resolve().parents[1] / "train/scripts/torch_reference.py"
+    spec = importlib.util.spec_from_file_location("torch_reference", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    twin = ref.build_model(with_overrides(PRESETS["tiny"], {"activation": "gelu"}).model)
+    assert twin.activation == "gelu"
+    assert "activation" not in dscnet_kwargs(PRESETS["cifar10-cpu"].model)
 
 
 def test_depths_and_widths_flags_replace_the_presets_depth_and_width():

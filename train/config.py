@@ -109,6 +109,10 @@ class ModelConfig:
     stem_width: int = _f(0, "dscnet: channels of the 3x3 stem conv (0: the first stage's width)")
     dw_kernel_size: int = _f(3, "dscnet: taps (N x N, odd) of every separable block's depthwise conv; "
                                 "the stem stays 3x3")
+    # The names of jaxdsc.activations and torch_bridge.nn.TORCH_ACTIVATIONS (a test keeps them in step);
+    # relu fuses into the native BatchNorm, the others run as XLA ops after it.
+    activation: Literal["relu", "relu6", "gelu", "gelu_tanh", "silu", "hard_swish", "elu", "leaky_relu"] = _f(
+        "relu", "dscnet: the activation after every BatchNorm (stem and blocks)")
     num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
     bn_momentum: float = _f(0.9, "BatchNorm momentum, Flax convention (0.9 == torch 0.1)")
     precision: Literal["float32", "bfloat16", "bf16-matmul"] = _f(
@@ -299,7 +303,8 @@ def validate(cfg: Config) -> Config:
     if m.dw_kernel_size < 1 or m.dw_kernel_size % 2 == 0:
         raise ConfigError(f"--dw-kernel-size must be a positive odd int, got {m.dw_kernel_size}")
     dscnet_only = {"--depths": bool(m.depths), "--stem-width": bool(m.stem_width),
-                   "--dw-kernel-size": m.dw_kernel_size != ModelConfig.dw_kernel_size}
+                   "--dw-kernel-size": m.dw_kernel_size != ModelConfig.dw_kernel_size,
+                   "--activation": m.activation != ModelConfig.activation}
     for flag in (f for f, is_set in dscnet_only.items() if is_set and m.model not in DSCNET_NAMES):
         raise ConfigError(f"{flag} is for DSCNet, got --model {m.model}")
     if m.depths and m.depth != ModelConfig.depth:

@@ -54,10 +54,11 @@ def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The DSCNet architecture arguments of a model config (shared with the PyTorch reference)."""
     stages = {"widths": tuple(cfg.widths)} if cfg.widths else {"width": cfg.width}
     depth = tuple(cfg.depths) if cfg.depths else cfg.depth
-    # No "stem_width" key for the default stem: configs stay those of models built before it existed.
+    # No "stem_width" / "activation" key for the defaults: configs stay those of models built before them.
     stem = {"stem_width": cfg.stem_width} if cfg.stem_width else {}
+    act = {"activation": cfg.activation} if cfg.activation != "relu" else {}
     return {**stages, "depth": depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations),
-            "kernel_size": cfg.dw_kernel_size, **stem}
+            "kernel_size": cfg.dw_kernel_size, **stem, **act}
 
 
 def describe(cfg: ModelConfig) -> str:
@@ -66,6 +67,7 @@ def describe(cfg: ModelConfig) -> str:
     dash = lambda v: "-".join(map(str, v))  # noqa: E731
     taps = "" if cfg.dw_kernel_size == default.dw_kernel_size else f" k{cfg.dw_kernel_size}"
     taps += f" stem{cfg.stem_width}" if cfg.stem_width else ""
+    taps += f" {cfg.activation}" if cfg.activation != default.activation else ""
     depth = dash(cfg.depths) if cfg.depths else cfg.depth
     if not cfg.widths and cfg.strides == default.strides and cfg.dilations == default.dilations:
         return f"dscnet w{cfg.width} d{depth}{taps}"
