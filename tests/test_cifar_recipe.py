@@ -4,6 +4,8 @@ validation of the recipe's flags (progressive resizing and the whitened stem hav
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,15 @@ from train import steps
 from train.config import PRESETS, ConfigError, validate, with_overrides
 from train.model import build, describe, dscnet_kwargs
 from train.tta import mirror, shifted, tta_logits
+
+
+def _torch_reference():
+    """``train/scripts/torch_reference.py`` as a module (a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "train/scripts/torch_reference.py"
+    spec = importlib.util.spec_from_file_location("torch_reference", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    return ref
 
 
 def test_default_plan_is_unchanged_and_8x8_layout_dilates_after_downsampling():
@@ -118,9 +129,7 @@ def test_depths_and_stem_width_shape_the_net():
 def test_activation_flag_builds_the_same_net_in_both_frameworks():
     """``--activation`` reaches every BatchNorm of the JAX net and of the PyTorch reference's twin; its
     choices are names both frameworks know; relu (the default) writes no config key."""
-    import importlib.util
     import typing
-    from pathlib import Path
 
     from jaxdsc.activations import ACTIVATIONS
     from torch_bridge.nn import TORCH_ACTIVATIONS
@@ -133,10 +142,7 @@ def test_activation_flag_builds_the_same_net_in_both_frameworks():
     model = nnx.eval_shape(lambda: build(cfg, 0))
     assert model.activation == model.stem.activation == "silu"
     assert {b.activation for b in model.blocks} == {"silu"}
-    path = Path(__file__).resolve().parents[1] / "train/scripts/torch_reference.py"
-    spec = importlib.util.spec_from_file_location("torch_reference", path)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = _torch_reference()
     twin = ref.build_model(with_overrides(PRESETS["tiny"], {"activation": "gelu"}).model)
     assert twin.activation == "gelu"
     assert "activation" not in dscnet_kwargs(PRESETS["cifar10-cpu"].model)
@@ -210,17 +216,12 @@ def test_eval_step_counts_plain_and_augmented_predictions():
 def test_torch_reference_tta_is_the_same_function(mode):
     """The PyTorch reference's TTA (train/scripts/torch_reference.py) equals train.tta on twin models:
     float32 with different conv algorithms, 1e-5 of max |logit| is a few ulps of the sums."""
-    import importlib.util
-    from pathlib import Path
 
     import torch
 
     import torch_bridge
 
-    path = Path(__file__).resolve().parents[1] / "train/scripts/torch_reference.py"
-    spec = importlib.util.spec_from_file_location("torch_reference", path)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = _torch_reference()
     model = DSCNet(10, widths=(4, 8, 12), strides=(1, 2, 2), dilations=(1, 2), rngs=nnx.Rngs(0))
     model.eval()
     twin = torch_bridge.to_torch(model).eval()
@@ -235,17 +236,12 @@ def test_torch_reference_autocast_step():
     """``--precision`` other than float32 runs the PyTorch reference under bfloat16 autocast: its first
     loss moves off the float32 one by bfloat16 rounding (> 1e-5), not by more (< 2e-2 relative)."""
     import copy
-    import importlib.util
-    from pathlib import Path
 
     import torch
 
     import torch_bridge
 
-    path = Path(__file__).resolve().parents[1] / "train/scripts/torch_reference.py"
-    spec = importlib.util.spec_from_file_location("torch_reference", path)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = _torch_reference()
     twin = torch_bridge.to_torch(DSCNet(10, widths=(8, 16, 24), strides=(1, 2, 2), rngs=nnx.Rngs(0)))
     o = PRESETS["cifar10-cpu"].optim
     x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
