@@ -216,7 +216,6 @@ def test_eval_step_counts_plain_and_augmented_predictions():
 def test_torch_reference_tta_is_the_same_function(mode):
     """The PyTorch reference's TTA (train/scripts/torch_reference.py) equals train.tta on twin models:
     float32 with different conv algorithms, 1e-5 of max |logit| is a few ulps of the sums."""
-
     import torch
 
     import torch_bridge
