@@ -70,12 +70,13 @@ def main() -> int:
             count[0] += 1
             jt.step(split.batch(order[k * bs:(k + 1) * bs]))
 
-        fns[name], configs[name] = step, (cfg, bs)
+        fns[name], configs[name] = step, cfg
     print(json.dumps(env_info()))
     timings = time_interleaved(fns, rounds=args.rounds, block_s=args.block_s)
     ref = None
     for name, t in timings.items():
-        cfg, bs = configs[name]
+        cfg = configs[name]
+        bs = cfg.optim.batch_size
         ips = bs * 1e3 / t.median_ms
         ref = ref or ips
         print(f"{name:>12}: {ips:7.1f} img/s  {ips / ref:.3f}x  (best round {bs * 1e3 / t.min_ms:.1f})  "

@@ -56,7 +56,7 @@ def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     depth = tuple(cfg.depths) if cfg.depths else cfg.depth
     # No "stem_width" / "activation" key for the defaults: configs stay those of models built before them.
     stem = {"stem_width": cfg.stem_width} if cfg.stem_width else {}
-    act = {"activation": cfg.activation} if cfg.activation != "relu" else {}
+    act = {"activation": cfg.activation} if cfg.activation != ModelConfig.activation else {}
     return {**stages, "depth": depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations),
             "kernel_size": cfg.dw_kernel_size, **stem, **act}
 
@@ -65,15 +65,15 @@ def describe(cfg: ModelConfig) -> str:
     """``dscnet w32 d2`` (the default stages) or ``dscnet widths 32-128-256 strides 1-2-2 d2 dil 1-2``."""
     default = ModelConfig()
     dash = lambda v: "-".join(map(str, v))  # noqa: E731
-    taps = "" if cfg.dw_kernel_size == default.dw_kernel_size else f" k{cfg.dw_kernel_size}"
-    taps += f" stem{cfg.stem_width}" if cfg.stem_width else ""
-    taps += f" {cfg.activation}" if cfg.activation != default.activation else ""
+    extras = "" if cfg.dw_kernel_size == default.dw_kernel_size else f" k{cfg.dw_kernel_size}"
+    extras += f" stem{cfg.stem_width}" if cfg.stem_width else ""
+    extras += f" {cfg.activation}" if cfg.activation != default.activation else ""
     depth = dash(cfg.depths) if cfg.depths else cfg.depth
     if not cfg.widths and cfg.strides == default.strides and cfg.dilations == default.dilations:
-        return f"dscnet w{cfg.width} d{depth}{taps}"
+        return f"dscnet w{cfg.width} d{depth}{extras}"
     k = dscnet_kwargs(cfg)
     _, widths, strides, dilations = stage_config(k.get("width"), k.get("widths"), k["strides"], k["dilations"])
-    return f"dscnet widths {dash(widths)} strides {dash(strides)} d{depth}{taps} dil {dash(dilations)}"
+    return f"dscnet widths {dash(widths)} strides {dash(strides)} d{depth}{extras} dil {dash(dilations)}"
 
 
 # Compiler options of the initialisation programs (:func:`compiled_init`: a model's parameters
