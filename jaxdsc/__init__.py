@@ -3,7 +3,7 @@
 Modules (channels-last, 1-D/2-D/3-D from ``len(kernel_size)``):
 :class:`DepthwiseConv`, :class:`PointwiseConv`, :class:`SeparableConv`,
 :class:`Conv`, :class:`SeparableBlock`, :class:`ConvBlock`,
-:class:`BatchNorm`, :class:`Normalize`; models in :mod:`jaxdsc.models`;
+:class:`BatchNorm`, :class:`Normalize`, :class:`SqueezeExcite`; models in :mod:`jaxdsc.models`;
 :func:`summary`: parameters and multiply-adds per layer (``python -m jaxdsc.summary NAME``).
 PyTorch twins and exact conversion live in the ``torch_bridge`` package.
 """
@@ -12,6 +12,7 @@ from jaxdsc.blocks import ConvBlock, SeparableBlock
 from jaxdsc.conv import Conv, DepthwiseConv, PointwiseConv, SeparableConv
 from jaxdsc.norm import BatchNorm, Constant, Normalize
 from jaxdsc.padding import PADDING_NAMES, Padding, resolve_padding
+from jaxdsc.se import SqueezeExcite
 from jaxdsc.summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "PointwiseConv",
     "SeparableBlock",
     "SeparableConv",
+    "SqueezeExcite",
     "Summary",
     "resolve_padding",
     "summary",

@@ -14,15 +14,19 @@ from jaxdsc.conv import Conv, DepthwiseConv, IntOrTuple, PointwiseConv
 from jaxdsc.norm import BatchNorm
 from jaxdsc.ops._select import IMPL_TABLE, op_impl
 from jaxdsc.padding import PaddingLike
+from jaxdsc.se import SqueezeExcite, se_features
 
 
 class SeparableBlock(nnx.Module):
-    """``depthwise -> BN -> act -> pointwise -> BN -> act`` (+ input if ``residual``).
+    """``depthwise -> BN -> act [-> SE] -> pointwise -> BN -> act`` (+ input if ``residual``).
 
     The convs have no bias (each BN's shift replaces it). Train/eval behaviour
     of the BatchNorms follows ``module.train()`` / ``module.eval()``.
 
     Args:
+      se_ratio: squeeze-and-excitation after the depthwise conv (timm's
+        ``DepthwiseSeparableConv`` placement) with ``round(se_ratio *
+        in_features * depth_multiplier)`` squeeze channels; ``0``: none.
       residual: add the input to the output. Requires ``in_features ==
         out_features`` and unit strides; an input whose spatial size the block
         changes (e.g. ``"VALID"`` padding) raises at call time.
@@ -45,6 +49,7 @@ class SeparableBlock(nnx.Module):
         padding: PaddingLike = "SAME",
         activation: str | None = "relu",
         residual: bool = False,
+        se_ratio: float = 0.0,
         momentum: float = 0.9,
         epsilon: float = 1e-5,
         dtype: Dtype | None = None,
@@ -55,6 +60,7 @@ class SeparableBlock(nnx.Module):
     ):
         self.activation = check_activation("activation", activation)
         self.residual = _checks.boolean("residual", residual)
+        self.se_ratio = _checks.number("se_ratio", se_ratio, low=0.0, high=1.0)
         self.depthwise = DepthwiseConv(
             in_features, kernel_size, depth_multiplier=depth_multiplier, strides=strides,
             padding=padding, kernel_dilation=kernel_dilation, use_bias=False, dtype=dtype,
@@ -72,6 +78,11 @@ class SeparableBlock(nnx.Module):
         bn = dict(momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
                   impl=op_impl("batchnorm", impl))
         self.bn_dw = BatchNorm(dw.out_features, **bn)
+        self.se = SqueezeExcite(
+            dw.out_features, se_features(dw.out_features, self.se_ratio), activation="relu",
+            num_spatial_dims=len(self.kernel_size), dtype=dtype, param_dtype=param_dtype, precision=precision,
+            impl=impl, rngs=rngs,
+        ) if self.se_ratio else None
         self.pointwise = PointwiseConv(
             dw.out_features, out_features, use_bias=False, num_spatial_dims=len(self.kernel_size),
             dtype=dtype, param_dtype=param_dtype, precision=precision,
@@ -82,6 +93,8 @@ class SeparableBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.bn_dw(self.depthwise(x), activation=self.activation)
+        if self.se is not None:
+            h = self.se(h)
         y = self.bn_pw(self.pointwise(h), activation=self.activation)
         if self.residual:
             if y.shape != x.shape:

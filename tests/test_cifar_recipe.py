@@ -92,6 +92,8 @@ def test_bad_stage_arguments_are_refused_by_name(kwargs, match):
     ({"model": {"dw_kernel_size": 4}}, "--dw-kernel-size must be a positive odd int, got 4"),
     ({"model": {"dw_kernel_size": 5, "model": "torchvision:mobilenet_v2"}}, "--dw-kernel-size is for DSCNet"),
     ({"model": {"activation": "silu", "model": "torchvision:mobilenet_v2"}}, "--activation is for DSCNet"),
+    ({"model": {"se_ratio": 1.5}}, r"--se-ratio must be in \[0, 1\] \(0: no squeeze-and-excitation\), got 1.5"),
+    ({"model": {"se_ratio": 0.25, "model": "torchvision:mobilenet_v2"}}, "--se-ratio is for DSCNet"),
 ])
 def test_recipe_flags_are_validated(overrides, match):
     cfg = PRESETS["tiny"]
@@ -146,6 +148,21 @@ def test_activation_flag_builds_the_same_net_in_both_frameworks():
     twin = ref.build_model(with_overrides(PRESETS["tiny"], {"activation": "gelu"}).model)
     assert twin.activation == "gelu"
     assert "activation" not in dscnet_kwargs(PRESETS["cifar10-cpu"].model)
+
+
+def test_se_ratio_flag_builds_the_same_net_in_both_frameworks():
+    """``--se-ratio`` puts a squeeze-and-excitation of that fraction in every separable block of the JAX
+    net and of the PyTorch reference's twin; 0 (the default) adds none and writes no config key."""
+    cfg = with_overrides(PRESETS["cifar10-cpu"], {"se_ratio": 0.25}).model
+    assert describe(cfg).endswith("stem32 se0.25 dil 2-4")
+    model = nnx.eval_shape(lambda: build(cfg, 0))
+    # Squeezes of a quarter of each block's depthwise channels (the block's input).
+    assert [b.se.rd_features for b in model.blocks] == [8, 32, 32, 64, 64, 96]
+    ref = _torch_reference()
+    twin = ref.build_model(with_overrides(PRESETS["tiny"], {"se_ratio": 0.5}).model)
+    assert {b.se.rd_channels * 2 for b in twin.blocks} == {b.in_channels for b in twin.blocks}
+    assert "se_ratio" not in dscnet_kwargs(PRESETS["cifar10-cpu"].model)
+    assert all(b.se is None for b in nnx.eval_shape(lambda: build(PRESETS["cifar10-cpu"].model, 0)).blocks)
 
 
 def test_depths_and_widths_flags_replace_the_presets_depth_and_width():

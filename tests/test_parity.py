@@ -351,6 +351,8 @@ def test_separable_conv_ranks(rank, dtype):
         (2, {"out_features": 6, "stride": 2, "depth_multiplier": 2, "padding": "SYMMETRIC"}),
         (1, {"residual": True, "padding": "CAUSAL", "dilation": 2}),
         (3, {"out_features": 2, "activation": None, "padding": "SAME_LOWER", "stride": 2}),
+        (2, {"residual": True, "se_ratio": 0.25, "dilation": 2}),
+        (1, {"out_features": 6, "se_ratio": 0.5, "depth_multiplier": 2, "padding": "CAUSAL"}),
     ],
 )
 def test_separable_block(rank, options, train, dtype):
@@ -365,6 +367,16 @@ def test_separable_block(rank, options, train, dtype):
     assert_close(yj, yt, rtol)
     if train:
         check_state_parity(block, twin, rtol)
+
+
+@pytest.mark.parametrize(("rank", "activation", "gate"), [(2, "relu", "sigmoid"), (1, "silu", "sigmoid"),
+                                                        (3, "relu", "tanh")])
+def test_squeeze_excite(rank, activation, gate, dtype):
+    pdt, npdt, rtol = dtype
+    se = jaxdsc.SqueezeExcite(6, 3, activation=activation, gate=gate, num_spatial_dims=rank, param_dtype=pdt,
+                              rngs=nnx.Rngs(0))
+    # Shifted input: gates of a non-zero mean, not of zero.
+    assert_parity(se, random_input((2, *SIZES[rank][0], 6), npdt) + 0.5, rtol)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -413,7 +425,9 @@ STAGES_8X8 = {"widths": (4, 8, 12), "strides": (1, 2, 2), "dilations": (1, 2)}  
      (3, 1, "relu", True, "float64", {}), (3, 1, "relu", False, "float64", {}),
      (3, 2, "relu", True, "float32", STAGES_8X8), (3, 3, "relu", False, "float64", STAGES_8X8),
      (3, 2, "relu", True, "float32", {**STAGES_8X8, "kernel_size": 5}),
-     (3, (1, 3, 2), "relu", True, "float32", {**STAGES_8X8, "stem_width": 6})],
+     (3, (1, 3, 2), "relu", True, "float32", {**STAGES_8X8, "stem_width": 6}),
+     (3, 2, "relu", True, "float32", {**STAGES_8X8, "se_ratio": 0.25}),
+     (3, 1, "relu", False, "float64", {**STAGES_8X8, "se_ratio": 0.5})],
 )
 def test_dscnet(in_features, depth, activation, train, dtype_name, stages):
     with x64_enabled() if dtype_name == "float64" else contextlib.nullcontext():

@@ -58,6 +58,10 @@ FAMILIES: dict[str, tuple[Callable[[Any], nnx.Module], tuple[int, ...]]] = {
     "SeparableBlock": (lambda dt: jaxdsc.SeparableBlock(4, 4, 3, kernel_dilation=2, residual=True, momentum=0.8,
                                                         activation="silu", param_dtype=dt, rngs=nnx.Rngs(6)),
                        (2, 6, 6, 4)),
+    "SeparableBlock-se": (lambda dt: jaxdsc.SeparableBlock(4, 6, 3, strides=2, se_ratio=0.5, param_dtype=dt,
+                                                           rngs=nnx.Rngs(12)), (2, 6, 6, 4)),
+    "SqueezeExcite-1d": (lambda dt: jaxdsc.SqueezeExcite(4, 2, activation="silu", gate="tanh", num_spatial_dims=1,
+                                                         param_dtype=dt, rngs=nnx.Rngs(13)), (2, 7, 4)),
     "ConvBlock": (lambda dt: jaxdsc.ConvBlock(3, 4, 3, strides=2, padding="SYMMETRIC", param_dtype=dt,
                                               rngs=nnx.Rngs(7)), (2, 6, 6, 3)),
     "DSCNet": (lambda dt: DSCNet(num_classes=3, width=4, depth=1, param_dtype=dt, rngs=nnx.Rngs(8)),
@@ -69,6 +73,8 @@ FAMILIES: dict[str, tuple[Callable[[Any], nnx.Module], tuple[int, ...]]] = {
     "DSCNet-depths-stem": (lambda dt: DSCNet(num_classes=3, widths=(4, 8, 12), strides=(2, 2, 1),
                                              dilations=(2, 4), depth=(2, 1, 3), stem_width=3, param_dtype=dt,
                                              rngs=nnx.Rngs(11)), (2, 16, 16, 3)),
+    "DSCNet-se": (lambda dt: DSCNet(num_classes=3, widths=(4, 8, 12), strides=(2, 2, 1), dilations=(2,), depth=1,
+                                    se_ratio=0.25, param_dtype=dt, rngs=nnx.Rngs(14)), (2, 16, 16, 3)),
 }
 
 

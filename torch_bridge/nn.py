@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxdsc import _checks
-from jaxdsc.models import CIFAR10_MEAN, CIFAR10_STD, block_plan, stage_config
-from jaxdsc.models.dscnet import check_depth, check_kernel_size
 from jaxdsc.padding import PaddingLike, canonical_padding, resolve_padding
+from jaxdsc.se import se_features
 
 IntOrTuple = int | Sequence[int]
 _SPATIAL_NAMES = ("kernel_size", "stride", "dilation")
@@ -152,6 +151,28 @@ class PointwiseConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, rank=self.num_spatial_dims, channels=self.in_channels)
         return _CONV[self.num_spatial_dims](x, self.weight, self.bias)
+
+
+class SqueezeExcite(nn.Module):
+    """``x * gate(expand(act(reduce(mean(x)))))``, twin of ``jaxdsc.SqueezeExcite``; 1x1 convs, biased."""
+
+    def __init__(self, in_channels: int, rd_channels: int, *, activation: str = "relu", gate: str = "sigmoid",
+                 num_spatial_dims: int = 2):
+        super().__init__()
+        self.activation = _check_activation("activation", activation)
+        self.gate = _check_activation("gate", gate)
+        self.reduce = PointwiseConv(in_channels, rd_channels, num_spatial_dims=num_spatial_dims)
+        self.expand = PointwiseConv(rd_channels, in_channels, num_spatial_dims=num_spatial_dims)
+        self.in_channels, self.rd_channels = self.reduce.in_channels, self.reduce.out_channels
+        self.num_spatial_dims = self.reduce.num_spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, rank=self.num_spatial_dims, channels=self.in_channels)
+        # As the JAX module: the mean in float32 at least.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        s = x.to(acc).mean(dim=tuple(range(2, x.dim())), keepdim=True).to(x.dtype)
+        s = self.expand(_act(self.activation, self.reduce(s)))
+        return x * _act(self.gate, s).to(x.dtype)
 
 
 class Conv(nn.Module):
@@ -293,7 +314,7 @@ class SeparableConv(nn.Module):
 
 
 class SeparableBlock(nn.Module):
-    """``depthwise -> BN -> act -> pointwise -> BN -> act`` (+ input), twin of ``jaxdsc.SeparableBlock``."""
+    """``depthwise -> BN -> act [-> SE] -> pointwise -> BN -> act`` (+ input), twin of ``jaxdsc.SeparableBlock``."""
 
     def __init__(
         self,
@@ -307,12 +328,14 @@ class SeparableBlock(nn.Module):
         padding: PaddingLike = "SAME",
         activation: str | None = "relu",
         residual: bool = False,
+        se_ratio: float = 0.0,
         momentum: float = 0.1,
         eps: float = 1e-5,
     ):
         super().__init__()
         self.activation = _check_activation("activation", activation)
         self.residual = _checks.boolean("residual", residual)
+        self.se_ratio = _checks.number("se_ratio", se_ratio, low=0.0, high=1.0)
         self.depthwise = DepthwiseConv(
             in_channels, kernel_size, depth_multiplier=depth_multiplier, stride=stride,
             padding=padding, dilation=dilation, bias=False,
@@ -327,6 +350,8 @@ class SeparableBlock(nn.Module):
                 f"in_channels={self.in_channels}, out_channels={self.out_channels}, stride={self.stride}"
             )
         self.bn_dw = BatchNorm(dw.out_channels, eps=eps, momentum=momentum)
+        self.se = SqueezeExcite(dw.out_channels, se_features(dw.out_channels, self.se_ratio),
+                                num_spatial_dims=len(self.kernel_size)) if self.se_ratio else None
         self.pointwise = PointwiseConv(dw.out_channels, out_channels, bias=False,
                                        num_spatial_dims=len(self.kernel_size))
         self.bn_pw = BatchNorm(self.out_channels, eps=eps, momentum=momentum)
@@ -334,6 +359,8 @@ class SeparableBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = _act(self.activation, self.bn_dw(self.depthwise(x)))
+        if self.se is not None:
+            h = self.se(h)
         y = _act(self.activation, self.bn_pw(self.pointwise(h)))
         if self.residual:
             if y.shape != x.shape:
@@ -375,65 +402,10 @@ class ConvBlock(nn.Module):
         return _act(self.activation, self.bn(self.conv(x)))
 
 
-class DSCNet(nn.Module):
-    """Twin of ``jaxdsc.models.DSCNet``: takes ``(N, C, H, W)`` images in ``[0, 1]``, returns logits."""
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        *,
-        in_channels: int = 3,
-        width: int | None = None,
-        depth: int | Sequence[int] = 2,
-        widths: Sequence[int] | None = None,
-        strides: Sequence[int] = (1, 2, 1),
-        dilations: Sequence[int] = (2, 4),
-        kernel_size: int = 3,
-        stem_width: int | None = None,
-        activation: str = "relu",
-        momentum: float = 0.1,
-        eps: float = 1e-5,
-    ):
-        super().__init__()
-        self.num_classes = _checks.positive_int("num_classes", num_classes)
-        self.in_channels = _checks.positive_int("in_channels", in_channels)
-        self.width, self.widths, self.strides, self.dilations = stage_config(width, widths, strides, dilations)
-        self.depth = check_depth(depth)
-        self.kernel_size = check_kernel_size(kernel_size)
-        self.stem_width = self.width if stem_width is None else _checks.positive_int("stem_width", stem_width)
-        self.activation = _check_activation("activation", activation)
-        self.momentum, self.eps = momentum, eps
-        if in_channels == 3:
-            mean, std = CIFAR10_MEAN, CIFAR10_STD
-        else:
-            mean, std = (0.5,) * in_channels, (0.5,) * in_channels
-        common = dict(activation=activation, momentum=momentum, eps=eps)
-        self.normalize = Normalize(in_channels, mean, std)
-        self.stem = ConvBlock(in_channels, self.stem_width, 3, **common)
-        self.blocks = nn.ModuleList([
-            SeparableBlock(b.in_features, b.out_features, self.kernel_size, stride=b.stride, dilation=b.dilation,
-                           residual=b.in_features == b.out_features and b.stride == 1, **common)
-            for b in block_plan(self.widths, self.depth, self.dilations, self.strides, self.stem_width)
-        ])
-        self.head = nn.Linear(self.widths[2], num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(self.normalize(x))
-        for block in self.blocks:
-            h = block(h)
-        # As the JAX model: pool low precision in float32, keep float64 as float64.
-        return h.to(torch.promote_types(h.dtype, torch.float32)).mean(dim=tuple(range(2, h.dim())))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
-        # The head runs in the features' dtype (a bf16 head upcast), as nnx.Linear promotes.
-        weight, bias = self.head.weight, self.head.bias
-        return F.linear(feats, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype))
-
-
 # Model modules of their own; they import the layers above, so they come last.
 # The DeepLabV3+ twin (upstream backbone + our head) lives in its own module.
 from torch_bridge.nn_deeplab import DeepLabV3Plus  # noqa: E402, F401
+from torch_bridge.nn_dscnet import DSCNet  # noqa: E402, F401
 from torch_bridge.nn_tcn import (  # noqa: E402, F401
     TCN,
     CausalConv,

@@ -113,6 +113,8 @@ class ModelConfig:
     # relu fuses into the native BatchNorm, the others run as XLA ops after it.
     activation: Literal["relu", "relu6", "gelu", "gelu_tanh", "silu", "hard_swish", "elu", "leaky_relu"] = _f(
         "relu", "dscnet: the activation after every BatchNorm (stem and blocks)")
+    se_ratio: float = _f(0.0, "dscnet: squeeze-and-excitation after every separable block's depthwise conv, "
+                              "squeezing to this fraction of its channels (0: none; MobileNetV3 uses 0.25)")
     num_classes: int = _f(10, "classifier outputs; a different head in --init-from is re-initialised")
     bn_momentum: float = _f(0.9, "BatchNorm momentum, Flax convention (0.9 == torch 0.1)")
     precision: Literal["float32", "bfloat16", "bf16-matmul"] = _f(
@@ -300,11 +302,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--depths must be 3 positive ints, got {m.depths}")
     if m.stem_width < 0:
         raise ConfigError(f"--stem-width must be >= 0 (0: the first stage's width), got {m.stem_width}")
+    if not 0.0 <= m.se_ratio <= 1.0:
+        raise ConfigError(f"--se-ratio must be in [0, 1] (0: no squeeze-and-excitation), got {m.se_ratio}")
     if m.dw_kernel_size < 1 or m.dw_kernel_size % 2 == 0:
         raise ConfigError(f"--dw-kernel-size must be a positive odd int, got {m.dw_kernel_size}")
     dscnet_only = {"--depths": bool(m.depths), "--stem-width": bool(m.stem_width),
                    "--dw-kernel-size": m.dw_kernel_size != ModelConfig.dw_kernel_size,
-                   "--activation": m.activation != ModelConfig.activation}
+                   "--activation": m.activation != ModelConfig.activation,
+                   "--se-ratio": m.se_ratio != ModelConfig.se_ratio}
     for flag in (f for f, is_set in dscnet_only.items() if is_set and m.model not in DSCNET_NAMES):
         raise ConfigError(f"{flag} is for DSCNet, got --model {m.model}")
     if m.depths and m.depth != ModelConfig.depth:

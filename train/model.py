@@ -33,7 +33,7 @@ from jaxdsc.models import DSCNet, stage_config
 from train.config import ConfigError, ModelConfig
 
 DSCNET_TORCH_KEYS = {"num_classes", "in_channels", "width", "depth", "widths", "strides", "dilations", "kernel_size",
-                     "stem_width", "activation", "momentum", "eps"}
+                     "stem_width", "activation", "se_ratio", "momentum", "eps"}
 
 
 def precision_dtype(precision: str) -> Any:
@@ -54,11 +54,13 @@ def dscnet_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The DSCNet architecture arguments of a model config (shared with the PyTorch reference)."""
     stages = {"widths": tuple(cfg.widths)} if cfg.widths else {"width": cfg.width}
     depth = tuple(cfg.depths) if cfg.depths else cfg.depth
-    # No "stem_width" / "activation" key for the defaults: configs stay those of models built before them.
+    # No "stem_width" / "activation" / "se_ratio" key for the defaults: configs stay those of models built
+    # before them.
     stem = {"stem_width": cfg.stem_width} if cfg.stem_width else {}
     act = {"activation": cfg.activation} if cfg.activation != ModelConfig.activation else {}
+    se = {"se_ratio": cfg.se_ratio} if cfg.se_ratio else {}
     return {**stages, "depth": depth, "strides": tuple(cfg.strides), "dilations": tuple(cfg.dilations),
-            "kernel_size": cfg.dw_kernel_size, **stem, **act}
+            "kernel_size": cfg.dw_kernel_size, **stem, **act, **se}
 
 
 def describe(cfg: ModelConfig) -> str:
@@ -68,6 +70,7 @@ def describe(cfg: ModelConfig) -> str:
     extras = "" if cfg.dw_kernel_size == default.dw_kernel_size else f" k{cfg.dw_kernel_size}"
     extras += f" stem{cfg.stem_width}" if cfg.stem_width else ""
     extras += f" {cfg.activation}" if cfg.activation != default.activation else ""
+    extras += f" se{cfg.se_ratio:g}" if cfg.se_ratio else ""
     depth = dash(cfg.depths) if cfg.depths else cfg.depth
     if not cfg.widths and cfg.strides == default.strides and cfg.dilations == default.dilations:
         return f"dscnet w{cfg.width} d{depth}{extras}"

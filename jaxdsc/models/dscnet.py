@@ -128,6 +128,8 @@ class DSCNet(nnx.Module):
         width); a narrower stem keeps the full-resolution maps cheap while
         the first stage widens after its strided block.
       activation: activation name used throughout.
+      se_ratio: squeeze-and-excitation in every separable block, after its
+        depthwise conv (:class:`jaxdsc.SeparableBlock`); ``0``: none.
       momentum, epsilon: BatchNorm settings (Flax momentum convention).
       impl: ``"auto"``, ``"xla"``, ``"shift"`` or ``"native"``, for every op
         (stem, depthwise, pointwise, BatchNorm; :data:`jaxdsc.ops.IMPL_TABLE`).
@@ -149,6 +151,7 @@ class DSCNet(nnx.Module):
         kernel_size: int = 3,
         stem_width: int | None = None,
         activation: str = "relu",
+        se_ratio: float = 0.0,
         momentum: float = 0.9,
         epsilon: float = 1e-5,
         dtype: Dtype | None = None,
@@ -164,6 +167,7 @@ class DSCNet(nnx.Module):
         self.kernel_size = check_kernel_size(kernel_size)
         self.stem_width = self.width if stem_width is None else _checks.positive_int("stem_width", stem_width)
         self.activation = check_activation("activation", activation)
+        self.se_ratio = _checks.number("se_ratio", se_ratio, low=0.0, high=1.0)
         self.momentum, self.epsilon = momentum, epsilon
         self.dtype, self.impl = dtype, impl
         common = dict(activation=activation, momentum=momentum, epsilon=epsilon, dtype=dtype,
@@ -177,7 +181,8 @@ class DSCNet(nnx.Module):
         self.blocks = nnx.List([
             SeparableBlock(
                 b.in_features, b.out_features, self.kernel_size, strides=b.stride, kernel_dilation=b.dilation,
-                residual=b.in_features == b.out_features and b.stride == 1, impl=impl, **common,
+                residual=b.in_features == b.out_features and b.stride == 1, se_ratio=self.se_ratio, impl=impl,
+                **common,
             )
             for b in block_plan(self.widths, self.depth, self.dilations, self.strides, self.stem_width)
         ])
