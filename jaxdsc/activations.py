@@ -27,6 +27,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "leaky_relu": partial(jax.nn.leaky_relu, negative_slope=0.01),
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
+    "hard_sigmoid": jax.nn.hard_sigmoid,  # relu6(x + 3) / 6, torch's hardsigmoid (MobileNetV3's SE gate)
 }
 
 

@@ -24,8 +24,9 @@ class SeparableBlock(nnx.Module):
     of the BatchNorms follows ``module.train()`` / ``module.eval()``.
 
     Args:
-      se_ratio: squeeze-and-excitation after the depthwise conv (timm's
-        ``DepthwiseSeparableConv`` placement) with ``round(se_ratio *
+      se_ratio: squeeze-and-excitation (:class:`jaxdsc.SqueezeExcite`: ReLU
+        inside, sigmoid gate) after the depthwise conv, timm's
+        ``DepthwiseSeparableConv`` placement, with ``round(se_ratio *
         in_features * depth_multiplier)`` squeeze channels; ``0``: none.
       residual: add the input to the output. Requires ``in_features ==
         out_features`` and unit strides; an input whose spatial size the block

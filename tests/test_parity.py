@@ -370,7 +370,7 @@ def test_separable_block(rank, options, train, dtype):
 
 
 @pytest.mark.parametrize(("rank", "activation", "gate"), [(2, "relu", "sigmoid"), (1, "silu", "sigmoid"),
-                                                        (3, "relu", "tanh")])
+                                                        (3, "relu", "tanh"), (2, "hard_swish", "hard_sigmoid")])
 def test_squeeze_excite(rank, activation, gate, dtype):
     pdt, npdt, rtol = dtype
     se = jaxdsc.SqueezeExcite(6, 3, activation=activation, gate=gate, num_spatial_dims=rank, param_dtype=pdt,

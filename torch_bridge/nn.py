@@ -38,6 +38,7 @@ TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "leaky_relu": partial(F.leaky_relu, negative_slope=0.01),
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
+    "hard_sigmoid": F.hardsigmoid,
 }
 
 
