@@ -24,13 +24,13 @@ class SeparableBlock(nnx.Module):
     of the BatchNorms follows ``module.train()`` / ``module.eval()``.
 
     Args:
+      residual: add the input to the output. Requires ``in_features ==
+        out_features`` and unit strides; an input whose spatial size the block
+        changes (e.g. ``"VALID"`` padding) raises at call time.
       se_ratio: squeeze-and-excitation (:class:`jaxdsc.SqueezeExcite`: ReLU
         inside, sigmoid gate) after the depthwise conv, timm's
         ``DepthwiseSeparableConv`` placement, with ``round(se_ratio *
         in_features * depth_multiplier)`` squeeze channels; ``0``: none.
-      residual: add the input to the output. Requires ``in_features ==
-        out_features`` and unit strides; an input whose spatial size the block
-        changes (e.g. ``"VALID"`` padding) raises at call time.
       momentum, epsilon: BatchNorm settings (Flax momentum convention).
       impl: for every op of the block (:data:`jaxdsc.ops.IMPL_TABLE`), or a
         depthwise implementation name (the other ops then ``"auto"``).
