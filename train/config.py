@@ -366,7 +366,7 @@ def _cifar10_cpu() -> Config:
                           # Pointwise GEMMs on AMX (float32 without it): 1.4x the step; 10 epochs 84.99% vs 85.13%.
                           precision="bf16-matmul"),
         optim=OptimConfig(
-            epochs=35,  # 27.5 / 35.9 min alone on the Intel VM in two evening windows (25 before)
+            epochs=35,  # 27.5-35.9 min alone on the Intel VM in three evening windows (25 before)
             batch_size=128,  # larger batches are no faster on CPU (256: 0.84x the img/s at 32x32); more steps help
             lr=0.1, warmup_epochs=2.0, label_smoothing=0.1,
             # Decoupled, so x lr: 1e-3 per step at the peak, near ResNet-CIFAR's (coupled 5e-4 at lr 0.1
