@@ -72,13 +72,9 @@ def linear_init(key, shape, dtype=jnp.float32):
     return _draw(key, shape, dtype, 1.0 / math.sqrt(shape[-1]), True)
 
 
-# timm's activations by the names the arch strings decode to; hard_sigmoid is
-# torch's relu6(x + 3) / 6, which jax.nn.hard_sigmoid computes.
-ACTS = {**ACTIVATIONS, "hard_sigmoid": jax.nn.hard_sigmoid}
-
-
 def act(name: str | None, x: jax.Array) -> jax.Array:
-    return x if name is None else ACTS[name](x)
+    """timm's activations by the names its arch strings decode to (jaxdsc's table: hard_sigmoid included)."""
+    return x if name is None else ACTIVATIONS[name](x)
 
 
 @dataclass(frozen=True)
