@@ -3,7 +3,7 @@
 // registers the four `jaxdsc_dw_*` symbols with jax.ffi.register_ffi_target.
 //
 // Pointwise (1x1) GEMM targets jaxdsc_pw_*: see pwconv_ffi.inc (bfloat16 products on AMX,
-// jaxdsc_pwmm_*: pwconv_amx_ffi.inc); dense conv jaxdsc_dc_*: dense_ffi.inc.
+// jaxdsc_pwmm_*: pwconv_bf16_ffi.inc); dense conv jaxdsc_dc_*: dense_ffi.inc.
 // Targets: jaxdsc_dw_forward (x, w -> y), jaxdsc_dw_grad_input (g, w -> dx),
 // jaxdsc_dw_grad_kernel (x, g -> dw), jaxdsc_dw_grad_both (x, g, w -> dx, dw).
 // Tensor layouts (always 5-D / 4-D; Python inserts unit dims for rank 1-2):
@@ -29,7 +29,7 @@
 #include "chan_merge.h"
 #include "dwconv.h"
 #include "ffi_binding.h"
-#include "pwamx.h"
+#include "pwbf16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -297,7 +297,7 @@ ffi::Error GradBoth(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy, f
 }
 
 #include "pwconv_ffi.inc"
-#include "pwconv_amx_ffi.inc"
+#include "pwconv_bf16_ffi.inc"
 #include "dense_ffi.inc"
 #include "sepconv_ffi.inc"
 #include "bn_ffi.inc"
@@ -356,9 +356,21 @@ extern "C" __attribute__((visibility("default"))) int jaxdsc_dw_set_isa(const ch
   return 1;
 }
 
-// 1 when the bfloat16-product pointwise targets (jaxdsc_pwmm_*) can run: AMX present and granted.
-extern "C" __attribute__((visibility("default"))) int jaxdsc_amx_available() {
-  return jaxdsc_amx::Available() ? 1 : 0;
+// The ISA the bfloat16-product pointwise targets (jaxdsc_pwmm_*) run on now: "amx" (present and
+// granted by the OS), "avx512_bf16" or "none" (they then fail with kUnimplemented).
+extern "C" __attribute__((visibility("default"))) const char* jaxdsc_bf16mm_isa() {
+  return jaxdsc_bf16::IsaName(jaxdsc_bf16::Current());
+}
+
+// The best of those this CPU allows.
+extern "C" __attribute__((visibility("default"))) const char* jaxdsc_bf16mm_best_isa() {
+  return jaxdsc_bf16::IsaName(jaxdsc_bf16::Best());
+}
+
+// Selects "amx", "avx512_bf16", "none" or "best" for the jaxdsc_pwmm_* targets; returns 0 when this
+// CPU cannot run it or the name is unknown (the selection is then unchanged).
+extern "C" __attribute__((visibility("default"))) int jaxdsc_bf16mm_set_isa(const char* name) {
+  return jaxdsc_bf16::SetIsa(name) ? 1 : 0;
 }
 
 // Turns huge-page advice for large outputs on (1) or off (0); returns the old setting.

@@ -164,7 +164,9 @@ def test_every_ffi_target_is_exported_and_checks_out():
     from jaxdsc.ops import batchnorm, native_depthwise, native_pointwise, separable
 
     lib = native.library()
-    for name in (*native_depthwise.TARGETS, *native_pointwise.TARGETS, *batchnorm.TARGETS, separable.SEP_TARGET):
+    for name in (*native_depthwise.TARGETS, *native_pointwise.TARGETS, *native_pointwise.BF16_TARGETS,
+                 *batchnorm.TARGETS, separable.SEP_TARGET,
+                 "jaxdsc_bf16mm_isa", "jaxdsc_bf16mm_best_isa", "jaxdsc_bf16mm_set_isa"):
         assert hasattr(lib, name), name
     # Registers each family's targets and runs its self-check (once, cached) ...
     for family in (native_depthwise, native_pointwise, batchnorm, separable):
@@ -172,3 +174,33 @@ def test_every_ffi_target_is_exported_and_checks_out():
     # ... and each check, run again here, still passes.
     for family in (native_depthwise, native_pointwise, batchnorm, separable):
         assert family.self_check() == "", family.FAMILY
+
+
+@needs_library
+def test_a_family_this_cpu_cannot_run_is_left_out_quietly(recwarn):
+    """A family whose hardware the CPU lacks (the bfloat16-product GEMMs without AMX or AVX512-BF16)
+    is unavailable, naming what is missing, without a self-check or a warning, and ``available()``
+    with no family still says yes for the rest; a supported family that fails its check still counts."""
+    before = native.available()
+    calls = []
+
+    def check() -> str:
+        calls.append(1)
+        return ""
+
+    try:
+        native.register_family("_test_lacks", (), check, supported=lambda: "a made-up ISA")
+        assert not native.available("_test_lacks")
+        assert native.unavailable_reason("_test_lacks") == "not for this CPU: a made-up ISA"
+        assert native.available() == before and native.unavailable_reason() == ""
+        assert not calls and not [w for w in recwarn if "_test_lacks" in str(w.message)]
+        native.register_family("_test_fails", (), lambda: "disagrees", supported=lambda: "")
+        with pytest.warns(RuntimeWarning, match="_test_fails kernels disabled: disagrees"):
+            assert not native.available()
+        assert native.unavailable_reason() == "_test_fails: disagrees"
+    finally:
+        for name in ("_test_lacks", "_test_fails"):
+            native._FAMILIES.pop(name, None)
+            native._STATUS.pop(name, None)
+            native._UNSUPPORTED.pop(name, None)
+    assert native.available() == before

@@ -14,7 +14,10 @@ registered for the CPU platform and its self-check runs once (a few tiny
 jitted calls on the CPU device, evaluated even when first asked inside a
 trace). A family whose targets are missing (an older build) or whose check
 fails is withheld, with a ``RuntimeWarning`` for a failed check: ops then use
-their pure-JAX paths. ``JAXDSC_DISABLE_NATIVE=1`` withholds the whole library;
+their pure-JAX paths. A family may also name what the CPU must have (the
+bfloat16-product GEMMs: AMX or AVX512-BF16); on a CPU without it the family
+is simply not for this machine: no check, no warning, and ``available()``
+with no family asks only about the families this CPU can run. ``JAXDSC_DISABLE_NATIVE=1`` withholds the whole library;
 ``JAXDSC_NATIVE_LIB=/path/lib.so`` loads another build.
 """
 
@@ -48,27 +51,34 @@ class _Family:
     targets: tuple[str, ...]
     self_check: Callable[[], str]  # "" when the kernels agree with their reference
     requires: tuple[str, ...]
+    supported: Callable[[], str] | None  # "" when this CPU can run the family, else what it lacks
 
 
 _FAMILIES: dict[str, _Family] = {}
 _STATUS: dict[str, str] = {}  # family -> "" (available) or why not; filled lazily
+_UNSUPPORTED: dict[str, str] = {}  # family -> what this CPU lacks for it ("" when nothing)
 _LOCK = threading.RLock()
 _LIB: ctypes.CDLL | None = None
 _LIB_REASON: str | None = None  # None: not loaded yet
 
 
 def register_family(
-    name: str, targets: Sequence[str], self_check: Callable[[], str], *, requires: Sequence[str] = ()
+    name: str, targets: Sequence[str], self_check: Callable[[], str], *, requires: Sequence[str] = (),
+    supported: Callable[[], str] | None = None,
 ) -> None:
     """Declare a kernel family: its FFI target symbols, its self-check and the families it needs.
 
     ``self_check()`` runs once, lazily, with the targets registered; it returns
     ``""`` when the kernels agree with a reference, else the reason (an
-    exception it raises counts as a failure too).
+    exception it raises counts as a failure too). ``supported()``, asked
+    first with the library loaded, returns ``""`` when this CPU can run the
+    family, else what it lacks: such a family is unavailable without a
+    warning and left out of :func:`available` with no family named.
     """
     with _LOCK:
-        _FAMILIES[name] = _Family(tuple(targets), self_check, tuple(requires))
+        _FAMILIES[name] = _Family(tuple(targets), self_check, tuple(requires), supported)
         _STATUS.pop(name, None)
+        _UNSUPPORTED.pop(name, None)
 
 
 def _disabled() -> bool:
@@ -145,6 +155,17 @@ def _run_check(check: Callable[[], str]) -> str:
         return f"self-check failed to run: {type(err).__name__}: {err}"
 
 
+def _unsupported(name: str) -> str:
+    """What this CPU lacks for family ``name`` ("" when nothing, or when the library is not loaded)."""
+    with _LOCK:
+        if name not in _UNSUPPORTED:
+            family = _FAMILIES[name]
+            if _load() or family.supported is None:
+                return ""
+            _UNSUPPORTED[name] = family.supported()
+        return _UNSUPPORTED[name]
+
+
 def _status(name: str) -> str:
     with _LOCK:
         if name in _STATUS:
@@ -153,6 +174,8 @@ def _status(name: str) -> str:
             raise ValueError(f"unknown native kernel family {name!r}; registered: {sorted(_FAMILIES)}")
         family = _FAMILIES[name]
         reason = _load()
+        if not reason and (lacks := _unsupported(name)):
+            reason = f"not for this CPU: {lacks}"
         for dep in family.requires:
             if not reason and _status(dep):
                 reason = f"needs the native {dep!r} kernels: {_status(dep)}"
@@ -168,28 +191,33 @@ def _status(name: str) -> str:
         return reason
 
 
+def _families_for_this_cpu() -> list[str]:
+    return [n for n in list(_FAMILIES) if not _unsupported(n)]
+
+
 def available(family: str | None = None) -> bool:
-    """True when ``family`` (every registered family if None) is loaded and self-checked.
+    """True when ``family`` is loaded and self-checked; with None, every family this CPU can run.
 
     The first call for a family loads the library and runs its self-check.
     """
-    names = list(_FAMILIES) if family is None else [family]
     reason = _load()
     if reason:
         if not _disabled():  # JAXDSC_DISABLE_NATIVE: nothing to warn about
             _build.warn_unavailable(reason)
         return False
+    names = _families_for_this_cpu() if family is None else [family]
     return all(not _status(n) for n in names)
 
 
 def unavailable_reason(family: str | None = None) -> str:
-    """Why ``family`` (the library, or its first unavailable family, if None) cannot run ("" when it can)."""
+    """Why ``family`` (the library, or its first unavailable family this CPU can run, if None)
+    cannot run ("" when it can)."""
     if family is not None:
         return _status(family)
     reason = _load()
     if reason:
         return reason
-    for n in list(_FAMILIES):
+    for n in _families_for_this_cpu():
         if _status(n):
             return f"{n}: {_status(n)}"
     return ""

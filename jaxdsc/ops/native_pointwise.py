@@ -11,15 +11,17 @@ over XLA's intra-op pool; the weight gradient sums per-task partials in a
 fixed order (deterministic) and also yields the bias gradient.
 
 With ``precision=lax.DotAlgorithmPreset.BF16_BF16_F32`` on a CPU with AMX
-(Intel Sapphire Rapids and later) the ``jaxdsc_pwmm_*`` targets run instead
-(family ``"pointwise_bf16"``): operands rounded to bfloat16, products summed in
-float32 on the AMX tiles, forward and both derivatives; float32 or bfloat16
-in and out as the others. Elsewhere that preset computes in float32, as
-XLA:CPU does with it.
+(Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4 and later, Intel
+Cooper Lake) the ``jaxdsc_pwmm_*`` targets run instead (family
+``"pointwise_bf16"``): operands rounded to bfloat16, products summed in
+float32, on the AMX tiles or by VDPBF16PS (:func:`bf16_isa` says which),
+forward and both derivatives; float32 or bfloat16 in and out as the others.
+Elsewhere that preset computes in float32, as XLA:CPU does with it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -36,12 +38,13 @@ from jaxdsc.ops._vjp import BiasKernels, Family, make_family
 FAMILY = "pointwise"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the kernels' dtypes
 TARGETS = ("jaxdsc_pw_forward", "jaxdsc_pw_grad_input", "jaxdsc_pw_grad_kernel", "jaxdsc_pw_grad_all")
-AMX_FAMILY = "pointwise_bf16"
-AMX_TARGETS = ("jaxdsc_pwmm_forward", "jaxdsc_pwmm_grad_input", "jaxdsc_pwmm_grad_kernel")
+BF16_FAMILY = "pointwise_bf16"
+BF16_TARGETS = ("jaxdsc_pwmm_forward", "jaxdsc_pwmm_grad_input", "jaxdsc_pwmm_grad_kernel")
 BF16_PRODUCTS = lax.DotAlgorithmPreset.BF16_BF16_F32
+BF16_ISAS = ("amx", "avx512_bf16")  # best first
 
-# Module switch for benchmarks and tests: False never runs the AMX kernels.
-USE_AMX = True
+# Module switch for benchmarks and tests: False never runs the bfloat16-product kernels.
+USE_BF16_KERNELS = True
 
 
 def available() -> bool:
@@ -54,10 +57,56 @@ def bf16_products(precision: lax.PrecisionLike) -> bool:
     return isinstance(precision, lax.DotAlgorithmPreset) and precision == BF16_PRODUCTS
 
 
+def _isa_call(name: str) -> str:
+    fn = getattr(native.library(), name)
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def bf16_isa() -> str:
+    """Where ``BF16_BF16_F32`` pointwise GEMMs run now: ``"amx"``, ``"avx512_bf16"`` or ``"none"``
+    (no such kernels here: the native float32 GEMM runs instead)."""
+    if not (USE_BF16_KERNELS and available() and native.available(BF16_FAMILY)):
+        return "none"
+    return _isa_call("jaxdsc_bf16mm_isa")
+
+
+def bf16_kernels_available() -> bool:
+    """True when the bfloat16-product GEMMs run on this CPU and passed their check."""
+    return bf16_isa() != "none"
+
+
 def amx_available() -> bool:
-    """True when the bfloat16-product GEMMs run on this CPU (AMX granted by the OS) and passed their check."""
-    return (USE_AMX and available() and bool(native.library().jaxdsc_amx_available())
-            and native.available(AMX_FAMILY))
+    """True when the bfloat16-product GEMMs run on AMX tiles (present, granted by the OS, selected)."""
+    return bf16_isa() == "amx"
+
+
+def set_bf16_isa(name: str) -> str:
+    """Run the bfloat16-product GEMMs on ``name`` (``"amx"``, ``"avx512_bf16"`` or ``"best"``) from
+    the next call on, jitted or not; returns the previous ISA (for tests and benchmarks)."""
+    if name not in (*BF16_ISAS, "best"):
+        raise ValueError(f"name must be one of {(*BF16_ISAS, 'best')}, got {name!r}")
+    lib = native.library()
+    before = _isa_call("jaxdsc_bf16mm_isa")
+    lib.jaxdsc_bf16mm_set_isa.argtypes = [ctypes.c_char_p]
+    if not lib.jaxdsc_bf16mm_set_isa(name.encode()):
+        raise ValueError(f"this CPU cannot run the bfloat16-product GEMMs on {name!r} "
+                         f"(best here: {_isa_call('jaxdsc_bf16mm_best_isa')!r})")
+    return before
+
+
+def supported_bf16_isas() -> tuple[str, ...]:
+    """The ISAs :func:`set_bf16_isa` accepts on this CPU (empty without the library or the hardware)."""
+    if not available() or native.unavailable_reason(BF16_FAMILY).startswith("not for this CPU"):
+        return ()
+    best = _isa_call("jaxdsc_bf16mm_best_isa")
+    return BF16_ISAS[BF16_ISAS.index(best):] if best in BF16_ISAS else ()
+
+
+def _bf16_supported() -> str:
+    if _isa_call("jaxdsc_bf16mm_best_isa") != "none":
+        return ""
+    return "neither AMX-BF16 (granted by the OS) nor AVX512-BF16"
 
 
 def _ffi_targets(prefix: str) -> tuple[Callable, Callable, Callable]:
@@ -125,8 +174,8 @@ class _Raw(NamedTuple):
 
 
 _NATIVE = _Raw(_pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all)
-# AMX: no fused backward (dx and dw are separate passes; each is a fraction of the float32 one).
-_AMX = _Raw(_mm_forward, _mm_grad_input, _mm_grad_kernel_bias,
+# bfloat16 products: no fused backward (dx and dw are separate passes, each cheaper than float32's).
+_BF16 = _Raw(_mm_forward, _mm_grad_input, _mm_grad_kernel_bias,
             lambda x, g, w: (_mm_grad_input(g, w), *_mm_grad_kernel_bias(x, g)))
 
 
@@ -202,12 +251,12 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
 
     ``portable``: native in the CPU branch of the program only, ``dot_general``
     with ``precision`` on other platforms (what ``impl="auto"`` runs).
-    ``precision``: ``BF16_BF16_F32`` runs the AMX kernels where
-    :func:`amx_available`; the native kernels otherwise compute in float32.
+    ``precision``: ``BF16_BF16_F32`` runs the bfloat16-product kernels where
+    :func:`bf16_kernels_available`; the native kernels otherwise compute in float32.
     """
-    amx = bf16_products(precision) and amx_available()
-    raw = _AMX if amx else _NATIVE
-    ops = _pw_ops(PW_FUSED_BACKWARD and not amx, _platform_raw(precision, raw) if portable else raw)
+    bf16 = bf16_products(precision) and bf16_kernels_available()
+    raw = _BF16 if bf16 else _NATIVE
+    ops = _pw_ops(PW_FUSED_BACKWARD and not bf16, _platform_raw(precision, raw) if portable else raw)
     x2 = x.reshape(-1, x.shape[-1])
     y2 = ops.conv(x2, kernel) if bias is None else ops.affine(x2, kernel, bias)
     return y2.reshape(*x.shape[:-1], kernel.shape[-1])
@@ -238,11 +287,13 @@ def self_check() -> str:
     return "" if ok else "a target disagrees with the numpy reference"
 
 
-def amx_self_check() -> str:
-    """The AMX targets on an odd case (row, reduction and column tails) against numpy; "" if they agree."""
+def bf16_self_check() -> str:
+    """The bfloat16-product targets on an odd case (row, reduction and column tails) against numpy, on
+    the ISA selected now (the best one at load); "" if they agree."""
     ok, _ = _check(_ffi_mm_forward, _ffi_mm_grad_input, _ffi_mm_grad_kernel_bias, 301, 37, 19, 2, True)
-    return "" if ok else "an AMX target disagrees with the numpy reference"
+    return "" if ok else f"a {_isa_call('jaxdsc_bf16mm_isa')} target disagrees with the numpy reference"
 
 
 native.register_family(FAMILY, TARGETS, self_check)
-native.register_family(AMX_FAMILY, AMX_TARGETS, amx_self_check, requires=(FAMILY,))
+native.register_family(BF16_FAMILY, BF16_TARGETS, bf16_self_check, requires=(FAMILY,),
+                       supported=_bf16_supported)
