@@ -13,7 +13,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
-#define JAXDSC_HAVE_AMX 1
+#define JAXDSC_HAVE_BF16_ISAS 1
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -136,6 +136,7 @@ bool ProbeAvx512Bf16() {
   const bool f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
   if (!(f && bw && vl)) return false;
   if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512_BF16
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv is there
   // The OS saves the zmm and opmask state (XCR0 bits 1, 2, 5-7).
   unsigned lo, hi;
   __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));

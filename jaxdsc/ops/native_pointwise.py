@@ -176,7 +176,7 @@ class _Raw(NamedTuple):
 _NATIVE = _Raw(_pw_forward, _pw_grad_input, _pw_grad_kernel_bias, _pw_grad_all)
 # bfloat16 products: no fused backward (dx and dw are separate passes, each cheaper than float32's).
 _BF16 = _Raw(_mm_forward, _mm_grad_input, _mm_grad_kernel_bias,
-            lambda x, g, w: (_mm_grad_input(g, w), *_mm_grad_kernel_bias(x, g)))
+             lambda x, g, w: (_mm_grad_input(g, w), *_mm_grad_kernel_bias(x, g)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -289,9 +289,20 @@ def self_check() -> str:
 
 def bf16_self_check() -> str:
     """The bfloat16-product targets on an odd case (row, reduction and column tails) against numpy, on
-    the ISA selected now (the best one at load); "" if they agree."""
-    ok, _ = _check(_ffi_mm_forward, _ffi_mm_grad_input, _ffi_mm_grad_kernel_bias, 301, 37, 19, 2, True)
-    return "" if ok else f"a {_isa_call('jaxdsc_bf16mm_isa')} target disagrees with the numpy reference"
+    each ISA this CPU has (the selection restored after); "" if they agree."""
+    lib = native.library()
+    lib.jaxdsc_bf16mm_set_isa.argtypes = [ctypes.c_char_p]
+    best = _isa_call("jaxdsc_bf16mm_best_isa")
+    before = _isa_call("jaxdsc_bf16mm_isa")
+    try:
+        for isa in BF16_ISAS[BF16_ISAS.index(best):]:
+            lib.jaxdsc_bf16mm_set_isa(isa.encode())
+            ok, _ = _check(_ffi_mm_forward, _ffi_mm_grad_input, _ffi_mm_grad_kernel_bias, 301, 37, 19, 2, True)
+            if not ok:
+                return f"the {isa} targets disagree with the numpy reference"
+    finally:
+        lib.jaxdsc_bf16mm_set_isa(before.encode())
+    return ""
 
 
 native.register_family(FAMILY, TARGETS, self_check)
