@@ -248,8 +248,10 @@ void WeightGrad(Isa isa, const void* x, const void* g, bool bf16, int64_t k, int
   uint16_t* xt = reinterpret_cast<uint16_t*>(scratch);
   uint16_t* gp = xt + kp * R;                             // [R / 2][np][2]: g, VNNI
   float* xs = reinterpret_cast<float*>(gp + R * np);     // [R][k]: bfloat16 x as float32
-  if (amx) std::memset(xt + k * R, 0, (kp - k) * R * 2);  // reduction rows past k: read, never used
-  if (amx) Configure();
+  if (amx) {
+    std::memset(xt + k * R, 0, (kp - k) * R * 2);  // reduction rows past k: read, never used
+    Configure();
+  }
   for (int64_t mm = m0; mm < m1; mm += R) {
     const int64_t rows = mm + R <= m1 ? R : m1 - mm, rp = Pad32(rows);
     PackPairs(g, bf16, mm, rows, rp, n, np, gp, bacc);

@@ -57,10 +57,22 @@ def bf16_products(precision: lax.PrecisionLike) -> bool:
     return isinstance(precision, lax.DotAlgorithmPreset) and precision == BF16_PRODUCTS
 
 
+@functools.cache
+def _bf16_lib() -> ctypes.CDLL:
+    """The library with the ISA functions' C signatures declared (once)."""
+    lib = native.library()
+    lib.jaxdsc_bf16mm_isa.restype = lib.jaxdsc_bf16mm_best_isa.restype = ctypes.c_char_p
+    lib.jaxdsc_bf16mm_set_isa.argtypes = [ctypes.c_char_p]
+    return lib
+
+
 def _isa_call(name: str) -> str:
-    fn = getattr(native.library(), name)
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
+    return getattr(_bf16_lib(), name)().decode()
+
+
+def _isas_from(best: str) -> tuple[str, ...]:
+    """``best`` and the ISAs below it (AMX implies AVX512-BF16); empty for ``"none"``."""
+    return BF16_ISAS[BF16_ISAS.index(best):] if best in BF16_ISAS else ()
 
 
 def bf16_isa() -> str:
@@ -86,10 +98,8 @@ def set_bf16_isa(name: str) -> str:
     the next call on, jitted or not; returns the previous ISA (for tests and benchmarks)."""
     if name not in (*BF16_ISAS, "best"):
         raise ValueError(f"name must be one of {(*BF16_ISAS, 'best')}, got {name!r}")
-    lib = native.library()
     before = _isa_call("jaxdsc_bf16mm_isa")
-    lib.jaxdsc_bf16mm_set_isa.argtypes = [ctypes.c_char_p]
-    if not lib.jaxdsc_bf16mm_set_isa(name.encode()):
+    if not _bf16_lib().jaxdsc_bf16mm_set_isa(name.encode()):
         raise ValueError(f"this CPU cannot run the bfloat16-product GEMMs on {name!r} "
                          f"(best here: {_isa_call('jaxdsc_bf16mm_best_isa')!r})")
     return before
@@ -99,8 +109,7 @@ def supported_bf16_isas() -> tuple[str, ...]:
     """The ISAs :func:`set_bf16_isa` accepts on this CPU (empty without the library or the hardware)."""
     if not available() or native.unavailable_reason(BF16_FAMILY).startswith("not for this CPU"):
         return ()
-    best = _isa_call("jaxdsc_bf16mm_best_isa")
-    return BF16_ISAS[BF16_ISAS.index(best):] if best in BF16_ISAS else ()
+    return _isas_from(_isa_call("jaxdsc_bf16mm_best_isa"))
 
 
 def _bf16_supported() -> str:
@@ -290,12 +299,10 @@ def self_check() -> str:
 def bf16_self_check() -> str:
     """The bfloat16-product targets on an odd case (row, reduction and column tails) against numpy, on
     each ISA this CPU has (the selection restored after); "" if they agree."""
-    lib = native.library()
-    lib.jaxdsc_bf16mm_set_isa.argtypes = [ctypes.c_char_p]
-    best = _isa_call("jaxdsc_bf16mm_best_isa")
+    lib = _bf16_lib()
     before = _isa_call("jaxdsc_bf16mm_isa")
     try:
-        for isa in BF16_ISAS[BF16_ISAS.index(best):]:
+        for isa in _isas_from(_isa_call("jaxdsc_bf16mm_best_isa")):
             lib.jaxdsc_bf16mm_set_isa(isa.encode())
             ok, _ = _check(_ffi_mm_forward, _ffi_mm_grad_input, _ffi_mm_grad_kernel_bias, 301, 37, 19, 2, True)
             if not ok:
